@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# Debian packages ember's tests and benchmarks use: curl (a bootstrap runtime in the tests),
+# spin (the protocol model), wrk (the load generator of `make bench`).
+# Installs what is missing when run as root; otherwise says what to install.
+set -euo pipefail
+need=()
+command -v curl >/dev/null 2>&1 || need+=(curl)
+command -v spin >/dev/null 2>&1 || need+=(spin)
+command -v wrk  >/dev/null 2>&1 || need+=(wrk)
+command -v gcc  >/dev/null 2>&1 || need+=(gcc)
+[ ${#need[@]} -eq 0 ] && exit 0
+if [ "$(id -u)" -eq 0 ] && command -v apt-get >/dev/null 2>&1; then
+  echo "installing Debian packages: ${need[*]}"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  apt-get install -y -qq "${need[@]}" >/dev/null
+else
+  echo "missing system packages: ${need[*]} (install them with: sudo apt-get install ${need[*]})" >&2
+  exit 1
+fi

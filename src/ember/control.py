@@ -1,0 +1,375 @@
+"""The control plane: function definitions in Lambda's shapes, validated, stored, and pushed to the
+core (a new generation per change, so no invoke reaches old code once an update has returned).
+
+The invoke path never touches SQLite: it reads `functions`, kept in memory and written through.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import re
+import sys
+import uuid
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from ember.core.assignment import Assigner
+from ember.errors import LambdaError, conflict, invalid, not_found
+from ember.sandbox import LaunchSpec
+from ember.store import FunctionRecord, Store, now_iso
+
+PYTHON_RUNTIMES = ("python3.9", "python3.10", "python3.11", "python3.12", "python3.13")
+PROVIDED_RUNTIMES = ("provided", "provided.al2", "provided.al2023")
+RUNTIMES = PYTHON_RUNTIMES + PROVIDED_RUNTIMES
+RESERVED_ENV = frozenset(
+    {
+        "_HANDLER", "_X_AMZN_TRACE_ID", "AWS_DEFAULT_REGION", "AWS_REGION", "AWS_EXECUTION_ENV",
+        "AWS_LAMBDA_FUNCTION_NAME", "AWS_LAMBDA_FUNCTION_MEMORY_SIZE", "AWS_LAMBDA_FUNCTION_VERSION",
+        "AWS_LAMBDA_INITIALIZATION_TYPE", "AWS_LAMBDA_LOG_GROUP_NAME", "AWS_LAMBDA_LOG_STREAM_NAME",
+        "AWS_ACCESS_KEY", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN",
+        "AWS_LAMBDA_RUNTIME_API", "LAMBDA_TASK_ROOT", "LAMBDA_RUNTIME_DIR",
+    }
+)  # fmt: skip
+NAME_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+MAX_ENV_BYTES = 4096
+MAX_ZIP_BYTES = 50 * 1024 * 1024  # Lambda's limit for a direct upload
+
+
+@dataclass(slots=True)
+class Settings:
+    region: str = "us-east-1"
+    account_id: str = "000000000000"
+    endpoint: str = "http://127.0.0.1:9000"
+
+
+class ControlPlane:
+    def __init__(self, store: Store, core: Assigner, settings: Settings) -> None:
+        self.store = store
+        self.core = core
+        self.settings = settings
+        self.functions: dict[str, FunctionRecord] = {}
+        for rec in store.load_all():
+            self._publish(rec)
+        store.gc_code({r.code_sha256 for r in self.functions.values()})
+
+    # ------------------------------------------------------------------ names
+
+    def arn(self, name: str) -> str:
+        s = self.settings
+        return f"arn:aws:lambda:{s.region}:{s.account_id}:function:{name}"
+
+    def resolve(self, raw: str, qualifier: str | None = None) -> FunctionRecord:
+        """A function by name, full ARN, partial ARN (ACCOUNT:function:NAME) or NAME:QUALIFIER.
+        Only $LATEST exists (no versions or aliases yet)."""
+        name, qual = raw, None
+        if raw.startswith("arn:"):
+            parts = raw.split(":")
+            if len(parts) not in (7, 8) or parts[2] != "lambda" or parts[5] != "function":
+                raise invalid(f"Invalid function ARN: {raw}")
+            name, qual = parts[6], (parts[7] if len(parts) == 8 else None)
+        elif ":function:" in raw:
+            parts = raw.split(":")
+            if len(parts) not in (3, 4):
+                raise invalid(f"Invalid function name: {raw}")
+            name, qual = parts[2], (parts[3] if len(parts) == 4 else None)
+        elif ":" in raw:
+            name, _, qual = raw.partition(":")
+        if qualifier is not None:
+            if qual is not None and qual != qualifier:
+                raise invalid(
+                    "The derived qualifier from the function name does not match the specified qualifier."
+                )
+            qual = qualifier
+        if not NAME_RE.match(name):
+            raise invalid(f"Invalid function name: {raw}")
+        rec = self.functions.get(name)
+        if rec is None or (qual is not None and qual != "$LATEST"):
+            suffix = f":{qual}" if qual else ""
+            raise not_found("Function", name, self.arn(name) + suffix)
+        return rec
+
+    # ------------------------------------------------------------------ shapes
+
+    def configuration(self, rec: FunctionRecord) -> dict[str, Any]:
+        c = rec.config
+        out: dict[str, Any] = {
+            "FunctionName": rec.name,
+            "FunctionArn": self.arn(rec.name),
+            "Runtime": c["Runtime"],
+            "Role": c["Role"],
+            "Handler": c.get("Handler", ""),
+            "CodeSize": rec.code_size,
+            "Description": c.get("Description", ""),
+            "Timeout": c["Timeout"],
+            "MemorySize": c["MemorySize"],
+            "LastModified": rec.last_modified,
+            "CodeSha256": rec.code_sha256_b64,
+            "Version": "$LATEST",
+            "TracingConfig": {"Mode": "PassThrough"},
+            "RevisionId": rec.revision_id,
+            "State": "Active",
+            "LastUpdateStatus": "Successful",
+            "PackageType": "Zip",
+            "Architectures": c.get("Architectures", ["x86_64"]),
+            "EphemeralStorage": {"Size": 512},
+            "LoggingConfig": {"LogFormat": "Text", "LogGroup": f"/aws/lambda/{rec.name}"},
+        }
+        if c.get("Environment"):
+            out["Environment"] = {"Variables": c["Environment"]}
+        return out
+
+    def get_function(self, rec: FunctionRecord) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "Configuration": self.configuration(rec),
+            "Code": {
+                "RepositoryType": "S3",
+                "Location": f"{self.settings.endpoint}/_ember/code/{rec.name}/{rec.code_sha256}.zip",
+            },
+        }
+        if rec.reserved_concurrency is not None:
+            out["Concurrency"] = {"ReservedConcurrentExecutions": rec.reserved_concurrency}
+        return out
+
+    # ------------------------------------------------------------------ operations
+
+    def create(self, body: dict[str, Any]) -> FunctionRecord:
+        name = body.get("FunctionName")
+        if not isinstance(name, str) or not NAME_RE.match(name):
+            raise invalid("FunctionName must match [A-Za-z0-9_-]{1,64}")
+        if not isinstance(body.get("Role"), str) or not body["Role"]:
+            raise invalid("Role is required")
+        if body.get("PackageType", "Zip") != "Zip":
+            raise invalid("ember runs Zip packages only (PackageType Image is not supported)")
+        config: dict[str, Any] = {"Role": body["Role"], "MemorySize": 128, "Timeout": 3, "Description": ""}
+        if "Runtime" not in body:
+            raise invalid("Runtime is required for a Zip package")
+        self._apply_config(config, body, creating=True)
+        if name in self.functions:
+            raise conflict(f"Function already exist: {name}")
+        code = body.get("Code")
+        if not isinstance(code, dict):
+            raise invalid("Code is required")
+        sha, size = self._store_code(code)
+        rec = FunctionRecord(name, config, sha, size, 1, str(uuid.uuid4()), now_iso(), None)
+        self.store.insert(rec)
+        self._publish(rec)
+        return rec
+
+    def update_configuration(self, rec: FunctionRecord, body: dict[str, Any]) -> FunctionRecord:
+        self._check_revision(rec, body)
+        config = dict(rec.config)
+        self._apply_config(config, body, creating=False)
+        return self._commit(rec, config=config)
+
+    def update_code(self, rec: FunctionRecord, body: dict[str, Any]) -> FunctionRecord:
+        self._check_revision(rec, body)
+        if body.get("DryRun"):
+            return rec
+        sha, size = self._store_code(body)
+        return self._commit(rec, code=(sha, size))
+
+    def delete(self, rec: FunctionRecord) -> None:
+        self.store.delete(rec.name)
+        del self.functions[rec.name]
+        if rec.reserved_concurrency is not None:
+            self.core.set_reserved(rec.name, None)
+        self.core.delete_function(rec.name)
+
+    def put_concurrency(self, rec: FunctionRecord, body: dict[str, Any]) -> int:
+        value = body.get("ReservedConcurrentExecutions")
+        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            raise invalid("ReservedConcurrentExecutions must be an integer >= 0")
+        error = self.core.set_reserved(rec.name, value)
+        if error is not None:
+            raise LambdaError(400, "InvalidParameterValueException", error)
+        rec.reserved_concurrency = value
+        self.store.update(rec)
+        return value
+
+    def delete_concurrency(self, rec: FunctionRecord) -> None:
+        self.core.set_reserved(rec.name, None)
+        rec.reserved_concurrency = None
+        self.store.update(rec)
+
+    def account_settings(self) -> dict[str, Any]:
+        total = sum(r.code_size for r in self.functions.values())
+        return {
+            "AccountLimit": {
+                "TotalCodeSize": 80530636800,
+                "CodeSizeUnzipped": 262144000,
+                "CodeSizeZipped": MAX_ZIP_BYTES,
+                "ConcurrentExecutions": self.core.account_limit,
+                "UnreservedConcurrentExecutions": self.core.account_limit - self.core.reserved_total,
+            },
+            "AccountUsage": {"TotalCodeSize": total, "FunctionCount": len(self.functions)},
+        }
+
+    # ------------------------------------------------------------------ sandboxes
+
+    def launch_spec(self, name: str, sandbox_id: int) -> LaunchSpec | None:
+        rec = self.functions.get(name)
+        if rec is None:
+            return None
+        c = rec.config
+        code_dir = str(self.store.code_path(rec.code_sha256))
+        runtime = c["Runtime"]
+        region = self.settings.region
+        env = {
+            "PATH": "/usr/local/bin:/usr/bin:/bin",
+            "LANG": "en_US.UTF-8",
+            "TZ": ":UTC",
+            "LAMBDA_TASK_ROOT": code_dir,
+            "LAMBDA_RUNTIME_DIR": sys.prefix,
+            "_HANDLER": c.get("Handler", ""),
+            "AWS_REGION": region,
+            "AWS_DEFAULT_REGION": region,
+            "AWS_EXECUTION_ENV": f"AWS_Lambda_{runtime}",
+            "AWS_LAMBDA_FUNCTION_NAME": rec.name,
+            "AWS_LAMBDA_FUNCTION_VERSION": "$LATEST",
+            "AWS_LAMBDA_FUNCTION_MEMORY_SIZE": str(c["MemorySize"]),
+            "AWS_LAMBDA_LOG_GROUP_NAME": f"/aws/lambda/{rec.name}",
+            "AWS_LAMBDA_LOG_STREAM_NAME": _log_stream(rec.revision_id, sandbox_id),
+            "AWS_LAMBDA_INITIALIZATION_TYPE": "on-demand",
+        }
+        if runtime in PYTHON_RUNTIMES:
+            env["PYTHONPATH"] = code_dir
+            argv = [sys.executable, "-m", "awslambdaric", c["Handler"]]
+        else:
+            argv = [f"{code_dir}/bootstrap"]
+        env.update(c.get("Environment") or {})
+        return LaunchSpec(argv, code_dir, env, self.arn(rec.name), int(c["MemorySize"]), float(c["Timeout"]))
+
+    # ------------------------------------------------------------------ internals
+
+    def _publish(self, rec: FunctionRecord) -> None:
+        """Make `rec` what the invoke path sees, and move the core to its generation."""
+        self.functions[rec.name] = rec
+        self.core.put_function(rec.name, rec.revision, int(rec.config["MemorySize"]))
+        fn = self.core.functions[rec.name]
+        if fn.reserved != rec.reserved_concurrency:
+            self.core.set_reserved(rec.name, rec.reserved_concurrency)
+
+    def _commit(
+        self, rec: FunctionRecord, config: dict[str, Any] | None = None, code: tuple[str, int] | None = None
+    ) -> FunctionRecord:
+        new = FunctionRecord(
+            rec.name,
+            config if config is not None else rec.config,
+            code[0] if code else rec.code_sha256,
+            code[1] if code else rec.code_size,
+            rec.revision + 1,
+            str(uuid.uuid4()),
+            now_iso(),
+            rec.reserved_concurrency,
+        )
+        self.store.update(new)
+        self._publish(new)
+        return new
+
+    @staticmethod
+    def _check_revision(rec: FunctionRecord, body: dict[str, Any]) -> None:
+        wanted = body.get("RevisionId")
+        if wanted is not None and wanted != rec.revision_id:
+            raise LambdaError(
+                412,
+                "PreconditionFailedException",
+                "The Revision Id provided does not match the latest Revision Id. Call the GetFunction/"
+                "GetAlias API to retrieve the latest Revision Id",
+            )
+
+    def _store_code(self, code: dict[str, Any]) -> tuple[str, int]:
+        if "ZipFile" not in code:
+            if any(k in code for k in ("S3Bucket", "S3Key", "ImageUri")):
+                raise invalid("ember accepts code as ZipFile only (S3 and image code are not supported)")
+            raise invalid("Code.ZipFile is required")
+        raw = code["ZipFile"]
+        if not isinstance(raw, str):
+            raise invalid("ZipFile must be base64-encoded")
+        try:
+            zip_bytes = base64.b64decode(raw, validate=True)
+        except (binascii.Error, ValueError) as exc:
+            raise invalid("ZipFile must be base64-encoded") from exc
+        if len(zip_bytes) > MAX_ZIP_BYTES:
+            raise LambdaError(
+                413,
+                "RequestEntityTooLargeException",
+                f"Request must be smaller than {MAX_ZIP_BYTES} bytes for the CreateFunction operation",
+            )
+        return self.store.put_code(zip_bytes)
+
+    @staticmethod
+    def _apply_config(config: dict[str, Any], body: dict[str, Any], creating: bool) -> None:
+        if "Runtime" in body:
+            runtime = body["Runtime"]
+            if runtime not in RUNTIMES:
+                raise invalid(
+                    f"Value {runtime} at 'runtime' failed to satisfy constraint: ember supports "
+                    f"{', '.join(RUNTIMES)}"
+                )
+            config["Runtime"] = runtime
+        if "Handler" in body:
+            handler = body["Handler"]
+            if not isinstance(handler, str) or not 0 < len(handler) <= 128:
+                raise invalid("Handler must be a string of 1 to 128 characters")
+            config["Handler"] = handler
+        if "Role" in body and not creating:
+            config["Role"] = body["Role"]
+        if "Description" in body:
+            desc = body["Description"]
+            if not isinstance(desc, str) or len(desc) > 256:
+                raise invalid("Description must be a string of at most 256 characters")
+            config["Description"] = desc
+        if "MemorySize" in body:
+            mem = body["MemorySize"]
+            if not isinstance(mem, int) or isinstance(mem, bool) or not 128 <= mem <= 10240:
+                raise invalid(
+                    f"Value {mem} at 'memorySize' failed to satisfy constraint: Member must have value "
+                    "greater than or equal to 128 and less than or equal to 10240"
+                )
+            config["MemorySize"] = mem
+        if "Timeout" in body:
+            timeout = body["Timeout"]
+            if not isinstance(timeout, int) or isinstance(timeout, bool) or not 1 <= timeout <= 900:
+                raise invalid(
+                    f"Value {timeout} at 'timeout' failed to satisfy constraint: Member must have value "
+                    "greater than or equal to 1 and less than or equal to 900"
+                )
+            config["Timeout"] = timeout
+        if "Architectures" in body:
+            arch = body["Architectures"]
+            if arch not in (["x86_64"], ["arm64"]):
+                raise invalid("Architectures must be [x86_64] or [arm64]")
+            config["Architectures"] = arch
+        if "Environment" in body:
+            env = body["Environment"]
+            variables = env.get("Variables", {}) if isinstance(env, dict) else None
+            if not isinstance(variables, dict) or not all(
+                isinstance(k, str) and isinstance(v, str) for k, v in variables.items()
+            ):
+                raise invalid("Environment.Variables must map strings to strings")
+            bad = sorted(set(variables) & RESERVED_ENV)
+            if bad:
+                raise invalid(
+                    "Lambda was unable to configure your environment variables because the environment "
+                    "variables you have provided contains reserved keys that are currently not supported "
+                    f"for modification. Reserved keys used in this request: {', '.join(bad)}"
+                )
+            for key in variables:
+                if not re.match(r"^[a-zA-Z]([a-zA-Z0-9_])*$", key):
+                    raise invalid(f"Environment variable name {key!r} is invalid")
+            if sum(len(k) + len(v) for k, v in variables.items()) > MAX_ENV_BYTES:
+                raise invalid(
+                    "Lambda was unable to configure your environment variables because the "
+                    "environment variables you have provided exceeded the 4KB limit."
+                )
+            config["Environment"] = variables
+        if config.get("Runtime") in PYTHON_RUNTIMES and not config.get("Handler"):
+            raise invalid("Handler is required for a Python runtime")
+
+
+def _log_stream(revision_id: str, sandbox_id: int) -> str:
+    """Lambda's stream name: date, version, and an id unique to the execution environment."""
+    unique = uuid.uuid5(uuid.NAMESPACE_OID, f"{revision_id}/{sandbox_id}").hex
+    return f"{datetime.now(UTC):%Y/%m/%d}/[$LATEST]{unique}"

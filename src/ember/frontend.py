@@ -1,0 +1,293 @@
+"""The Lambda API frontend: Lambda's REST paths and shapes (botocore's lambda service model), so that
+boto3 and the AWS CLI work unchanged. Errors leave in Lambda's wire form (errors.py).
+
+Routes (all under the API's dated prefixes):
+  POST   /2015-03-31/functions                              CreateFunction (201)
+  GET    /2015-03-31/functions                              ListFunctions (Marker, MaxItems)
+  GET    /2015-03-31/functions/{name}                       GetFunction
+  DELETE /2015-03-31/functions/{name}                       DeleteFunction (204)
+  GET    /2015-03-31/functions/{name}/configuration         GetFunctionConfiguration
+  PUT    /2015-03-31/functions/{name}/configuration         UpdateFunctionConfiguration
+  PUT    /2015-03-31/functions/{name}/code                  UpdateFunctionCode
+  POST   /2015-03-31/functions/{name}/invocations           Invoke
+  PUT    /2017-10-31/functions/{name}/concurrency           PutFunctionConcurrency
+  GET    /2019-09-30/functions/{name}/concurrency           GetFunctionConcurrency
+  DELETE /2017-10-31/functions/{name}/concurrency           DeleteFunctionConcurrency (204)
+  GET    /2016-08-19/account-settings                       GetAccountSettings
+  GET    /health                                            ember's health (JSON)
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import functools
+import logging
+import uuid
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import orjson
+from aiohttp import web
+
+from ember import __version__
+from ember.control import ControlPlane
+from ember.errors import LambdaError, invalid, service_error
+from ember.logs import tail_header
+from ember.sandbox import Outcome, read_bounded
+from ember.worker import Worker
+
+log = logging.getLogger("ember.frontend")
+
+MAX_SYNC_PAYLOAD = 6 * 1024 * 1024  # 6 MB: Lambda's synchronous request limit
+MAX_CONTROL_BODY = 70 * 1024 * 1024  # a 50 MB zip, base64-encoded, plus JSON
+MAX_CLIENT_CONTEXT = 3583
+LIST_MAX_ITEMS = 50
+
+Handler = Callable[[web.Request, str], Awaitable[web.StreamResponse]]
+
+
+def api(handler: Handler) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
+    """Give each request an id, and turn errors into Lambda's wire form (never a bare 500)."""
+
+    @functools.wraps(handler)
+    async def wrapped(request: web.Request) -> web.StreamResponse:
+        request_id = str(uuid.uuid4())
+        try:
+            return await handler(request, request_id)
+        except LambdaError as err:
+            return err.response(request_id)
+        except Exception:
+            log.exception("request failed", extra={"request_id": request_id, "path": request.path})
+            return service_error(f"ember failed to process the request (RequestId: {request_id})").response(
+                request_id
+            )
+
+    return wrapped
+
+
+def _json(data: Any, request_id: str, status: int = 200) -> web.Response:
+    return web.Response(
+        status=status,
+        body=orjson.dumps(data),
+        headers={"Content-Type": "application/json", "x-amzn-RequestId": request_id},
+    )
+
+
+async def _body_json(request: web.Request) -> dict[str, Any]:
+    raw = await read_bounded(request, MAX_CONTROL_BODY)
+    if raw is None:
+        raise LambdaError(413, "RequestEntityTooLargeException", "Request body too large")
+    if not raw:
+        return {}
+    try:
+        doc = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise LambdaError(
+            400, "InvalidRequestContentException", f"Could not parse request body into json: {exc}"
+        ) from None
+    if not isinstance(doc, dict):
+        raise LambdaError(400, "InvalidRequestContentException", "Request body must be a JSON object")
+    return doc
+
+
+class Frontend:
+    def __init__(self, control: ControlPlane, worker: Worker) -> None:
+        self.control = control
+        self.worker = worker
+        self.accepting = True
+
+    def routes(self, app: web.Application) -> None:
+        r = app.router
+        r.add_post("/2015-03-31/functions/{name}/invocations", api(self.invoke))
+        r.add_post("/2015-03-31/functions", api(self.create))
+        r.add_post("/2015-03-31/functions/", api(self.create))
+        r.add_get("/2015-03-31/functions", api(self.list))
+        r.add_get("/2015-03-31/functions/", api(self.list))
+        r.add_get("/2015-03-31/functions/{name}", api(self.get))
+        r.add_delete("/2015-03-31/functions/{name}", api(self.delete))
+        r.add_get("/2015-03-31/functions/{name}/configuration", api(self.get_configuration))
+        r.add_put("/2015-03-31/functions/{name}/configuration", api(self.update_configuration))
+        r.add_put("/2015-03-31/functions/{name}/code", api(self.update_code))
+        r.add_put("/2017-10-31/functions/{name}/concurrency", api(self.put_concurrency))
+        r.add_get("/2019-09-30/functions/{name}/concurrency", api(self.get_concurrency))
+        r.add_delete("/2017-10-31/functions/{name}/concurrency", api(self.delete_concurrency))
+        r.add_get("/2016-08-19/account-settings", api(self.account_settings))
+        r.add_get("/2016-08-19/account-settings/", api(self.account_settings))
+        r.add_get("/health", self.health)
+        r.add_get("/_ember/code/{name}/{file}", api(self.code))
+        r.add_route("*", "/{tail:.*}", api(self.unknown))
+
+    # ------------------------------------------------------------------ invoke
+
+    async def invoke(self, request: web.Request, request_id: str) -> web.StreamResponse:
+        if not self.accepting:
+            raise LambdaError(503, "ServiceException", "ember is shutting down")
+        headers = request.headers
+        rec = self.control.resolve(request.match_info["name"], request.query.get("Qualifier"))
+        kind = headers.get("X-Amz-Invocation-Type", "RequestResponse")
+        if kind == "Event":
+            raise LambdaError(
+                400,
+                "InvalidParameterValueException",
+                "InvocationType Event (asynchronous invoke) is not supported by this ember yet; "
+                "use RequestResponse",
+            )
+        if kind not in ("RequestResponse", "DryRun"):
+            raise invalid(f"Invalid InvocationType {kind!r}: expected RequestResponse, Event or DryRun")
+        log_type = headers.get("X-Amz-Log-Type", "None")
+        if log_type not in ("None", "Tail"):
+            raise invalid(f"Invalid LogType {log_type!r}: expected None or Tail")
+        client_context = headers.get("X-Amz-Client-Context")
+        if client_context is not None:
+            client_context = _decode_client_context(client_context)
+        payload = await read_bounded(request, MAX_SYNC_PAYLOAD)
+        if payload is None:
+            raise LambdaError(
+                413,
+                "RequestTooLargeException",
+                f"Request must be smaller than {MAX_SYNC_PAYLOAD} bytes for the InvokeFunction operation",
+            )
+        if payload:
+            try:
+                orjson.loads(payload)
+            except orjson.JSONDecodeError as exc:
+                raise LambdaError(
+                    400, "InvalidRequestContentException", f"Could not parse request body into json: {exc}"
+                ) from None
+        else:
+            payload = b"{}"
+        if kind == "DryRun":
+            return web.Response(status=204, headers={"x-amzn-RequestId": request_id})
+        want_tail = log_type == "Tail"
+        inv, outcome = await self.worker.invoke(rec, payload, request_id, client_context, want_tail)
+        out_headers = {
+            "x-amzn-RequestId": request_id,
+            "X-Amz-Executed-Version": "$LATEST",
+            "Content-Type": "application/json",
+        }
+        if outcome.kind is not Outcome.OK:
+            out_headers["X-Amz-Function-Error"] = "Unhandled"
+        if want_tail:
+            out_headers["X-Amz-Log-Result"] = tail_header(inv, int(rec.config["MemorySize"]))
+        return web.Response(body=outcome.body, headers=out_headers)
+
+    # ------------------------------------------------------------------ control plane
+
+    async def create(self, request: web.Request, request_id: str) -> web.StreamResponse:
+        rec = self.control.create(await _body_json(request))
+        return _json(self.control.configuration(rec), request_id, 201)
+
+    async def list(self, request: web.Request, request_id: str) -> web.StreamResponse:
+        q = request.query
+        try:
+            max_items = int(q.get("MaxItems", LIST_MAX_ITEMS))
+        except ValueError:
+            raise invalid("MaxItems must be an integer") from None
+        if not 1 <= max_items <= 10000:
+            raise invalid("MaxItems must be between 1 and 10000")
+        max_items = min(max_items, LIST_MAX_ITEMS)
+        names = sorted(self.control.functions)
+        marker = q.get("Marker")
+        start = 0
+        if marker:
+            try:
+                after = base64.urlsafe_b64decode(marker.encode()).decode()
+            except (binascii.Error, UnicodeDecodeError, ValueError):
+                raise invalid("Invalid Marker") from None
+            start = next((i for i, n in enumerate(names) if n > after), len(names))
+        page = names[start : start + max_items]
+        out: dict[str, Any] = {
+            "Functions": [self.control.configuration(self.control.functions[n]) for n in page]
+        }
+        if start + max_items < len(names):
+            out["NextMarker"] = base64.urlsafe_b64encode(page[-1].encode()).decode()
+        return _json(out, request_id)
+
+    async def get(self, request: web.Request, request_id: str) -> web.StreamResponse:
+        rec = self.control.resolve(request.match_info["name"], request.query.get("Qualifier"))
+        return _json(self.control.get_function(rec), request_id)
+
+    async def get_configuration(self, request: web.Request, request_id: str) -> web.StreamResponse:
+        rec = self.control.resolve(request.match_info["name"], request.query.get("Qualifier"))
+        return _json(self.control.configuration(rec), request_id)
+
+    async def delete(self, request: web.Request, request_id: str) -> web.StreamResponse:
+        rec = self.control.resolve(request.match_info["name"], request.query.get("Qualifier"))
+        self.control.delete(rec)
+        self.worker.apply_effects()
+        return web.Response(status=204, headers={"x-amzn-RequestId": request_id})
+
+    async def update_configuration(self, request: web.Request, request_id: str) -> web.StreamResponse:
+        rec = self.control.resolve(request.match_info["name"])
+        rec = self.control.update_configuration(rec, await _body_json(request))
+        self.worker.apply_effects()
+        return _json(self.control.configuration(rec), request_id)
+
+    async def update_code(self, request: web.Request, request_id: str) -> web.StreamResponse:
+        rec = self.control.resolve(request.match_info["name"])
+        rec = self.control.update_code(rec, await _body_json(request))
+        self.worker.apply_effects()
+        return _json(self.control.configuration(rec), request_id)
+
+    async def put_concurrency(self, request: web.Request, request_id: str) -> web.StreamResponse:
+        rec = self.control.resolve(request.match_info["name"])
+        value = self.control.put_concurrency(rec, await _body_json(request))
+        return _json({"ReservedConcurrentExecutions": value}, request_id)
+
+    async def get_concurrency(self, request: web.Request, request_id: str) -> web.StreamResponse:
+        rec = self.control.resolve(request.match_info["name"])
+        body = (
+            {}
+            if rec.reserved_concurrency is None
+            else {"ReservedConcurrentExecutions": rec.reserved_concurrency}
+        )
+        return _json(body, request_id)
+
+    async def delete_concurrency(self, request: web.Request, request_id: str) -> web.StreamResponse:
+        rec = self.control.resolve(request.match_info["name"])
+        self.control.delete_concurrency(rec)
+        return web.Response(status=204, headers={"x-amzn-RequestId": request_id})
+
+    async def account_settings(self, request: web.Request, request_id: str) -> web.StreamResponse:
+        return _json(self.control.account_settings(), request_id)
+
+    async def code(self, request: web.Request, request_id: str) -> web.StreamResponse:
+        rec = self.control.resolve(request.match_info["name"])
+        if request.match_info["file"] != f"{rec.code_sha256}.zip":
+            raise LambdaError(404, "ResourceNotFoundException", "code version not found")
+        path: Path = self.control.store.zip_path(rec.code_sha256)
+        return web.FileResponse(path, headers={"Content-Type": "application/zip"})
+
+    async def unknown(self, request: web.Request, request_id: str) -> web.StreamResponse:
+        raise LambdaError(
+            404, "UnknownOperationException", f"Unknown operation {request.method} {request.path}"
+        )
+
+    async def health(self, request: web.Request) -> web.StreamResponse:
+        core = self.control.core
+        body = {
+            "status": "ok" if self.accepting else "stopping",
+            "version": __version__,
+            "functions": len(self.control.functions),
+            "sandboxes": len(core.sandboxes),
+            "account_concurrency": core.account_limit,
+            "unreserved_inflight": core.unreserved_inflight,
+            **self.worker.stats(),
+        }
+        return web.Response(body=orjson.dumps(body), content_type="application/json")
+
+
+def _decode_client_context(value: str) -> str:
+    """The caller sends base64 of a JSON object; the runtime receives the JSON itself."""
+    if len(value) > MAX_CLIENT_CONTEXT:
+        raise invalid(f"Client context must be at most {MAX_CLIENT_CONTEXT} bytes, base64-encoded")
+    try:
+        raw = base64.b64decode(value, validate=True)
+        doc = orjson.loads(raw)
+    except (binascii.Error, ValueError, orjson.JSONDecodeError):
+        raise invalid("Client context must be a valid Base64-encoded JSON object.") from None
+    if not isinstance(doc, dict):
+        raise invalid("Client context must be a valid Base64-encoded JSON object.")
+    return raw.decode()

@@ -1,0 +1,401 @@
+"""One execution environment: an OS process that speaks only the Lambda Runtime API, on an endpoint
+of its own (its own loopback port), so a sandbox can only ever receive its own invocations.
+
+This is I/O: it spawns, talks HTTP, reads the process's output and reports what happened to its
+owner through `SandboxEvents`. It decides nothing about routing; the core does.
+
+Runtime API (https://docs.aws.amazon.com/lambda/latest/dg/runtimes-api.html), base /2018-06-01:
+  GET  /runtime/invocation/next            long poll; the first call means init is done
+  POST /runtime/invocation/{id}/response   202; the invocation's result
+  POST /runtime/invocation/{id}/error      202; a function error
+  POST /runtime/init/error                 202; init failed, the process will exit
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import time
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import orjson
+from aiohttp import web
+
+from ember.core.assignment import Sandbox
+
+API_PREFIX = "/2018-06-01/runtime/"
+MAX_RESPONSE_BYTES = 6 * 1024 * 1024
+MAX_ERROR_BYTES = 1024 * 1024
+LOG_KEEP_BYTES = 64 * 1024  # per invocation; the tail is what callers ask for (4 KB)
+
+
+@dataclass(slots=True)
+class LaunchSpec:
+    """How to start a sandbox: argv, working directory and the complete environment."""
+
+    argv: list[str]
+    cwd: str
+    env: dict[str, str]
+    function_arn: str
+    memory_mb: int
+    timeout_s: float
+
+
+class Outcome:
+    """How an invocation ended, as the caller will see it."""
+
+    __slots__ = ("body", "error_type", "kind")
+
+    OK = "ok"
+    FUNCTION_ERROR = "error"  # /error from the runtime, or an ember-side runtime failure
+    TIMEOUT = "timeout"
+    EXIT = "exit"
+
+    def __init__(self, kind: str, body: bytes, error_type: str | None = None) -> None:
+        self.kind, self.body, self.error_type = kind, body, error_type
+
+    @classmethod
+    def runtime_error(cls, kind: str, error_type: str, message: str) -> Outcome:
+        return cls(kind, orjson.dumps({"errorType": error_type, "errorMessage": message}), error_type)
+
+
+@dataclass(slots=True, eq=False)
+class Invocation:
+    """A synchronous invocation on its way through a sandbox."""
+
+    request_id: str
+    payload: bytes
+    future: asyncio.Future[Outcome]
+    client_context: str | None = None
+    deadline_ms: int = 0
+    started: float = 0.0  # loop time when the runtime received it
+    ended: float = 0.0
+    log: bytearray = field(default_factory=bytearray)
+    cold: bool = False
+    init_duration_ms: float = 0.0
+    want_tail: bool = False
+    max_memory_mb: int = 0
+
+
+class SandboxEvents(Protocol):
+    def sandbox_ready(self, proc: SandboxProcess) -> None: ...
+    def sandbox_init_failed(self, proc: SandboxProcess, error: Outcome) -> None: ...
+    def sandbox_result(self, proc: SandboxProcess, inv: Invocation, outcome: Outcome) -> None: ...
+    def sandbox_exited(self, proc: SandboxProcess, returncode: int) -> None: ...
+
+
+def _platform_error(status: int, error_type: str, message: str) -> web.Response:
+    return web.Response(
+        status=status,
+        body=orjson.dumps({"errorType": error_type, "errorMessage": message}),
+        content_type="application/json",
+    )
+
+
+_ACCEPTED = orjson.dumps({"status": "OK"})
+
+
+async def read_bounded(request: web.BaseRequest, limit: int) -> bytes | None:
+    """Read a request body of at most `limit` bytes; None when it is larger (the rest is drained)."""
+    length = request.content_length
+    if length is not None and length > limit:
+        while await request.content.readany():
+            pass
+        return None
+    chunks: list[bytes] = []
+    size = 0
+    while True:
+        chunk = await request.content.readany()
+        if not chunk:
+            break
+        size += len(chunk)
+        if size > limit:
+            while await request.content.readany():
+                pass
+            return None
+        chunks.append(chunk)
+    return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+
+class SandboxProcess:
+    """The process, its Runtime API endpoint and its output pipe."""
+
+    def __init__(self, sandbox: Sandbox, spec: LaunchSpec, events: SandboxEvents) -> None:
+        self.sandbox = sandbox
+        self.spec = spec
+        self.events = events
+        self.loop = asyncio.get_running_loop()
+        self.port = 0
+        self.pid = 0
+        self.ready = False
+        self.stopping = False
+        self.exited = asyncio.Event()
+        self.spawned_at = 0.0
+        self.init_duration_ms = 0.0
+        self.invocations = 0
+        self.current: Invocation | None = None  # assigned, until its outcome
+        self._pending: Invocation | None = None  # assigned, not yet fetched by the runtime
+        self._parked: asyncio.Future[Invocation] | None = None  # a /next waiting for work
+        self._server: asyncio.AbstractServer | None = None
+        self._web: web.Server | None = None
+        self._proc: asyncio.subprocess.Process | None = None
+        self._out_fd = -1
+        self.init_log = bytearray()
+
+    # ------------------------------------------------------------------ lifecycle
+
+    async def launch(self) -> None:
+        """Open the endpoint, then spawn the runtime pointed at it. Failures are init failures."""
+        self._web = web.Server(self._handle, access_log=None)
+        self._server = await self.loop.create_server(self._web, "127.0.0.1", 0)
+        self.port = self._server.sockets[0].getsockname()[1]
+        env = dict(self.spec.env)
+        env["AWS_LAMBDA_RUNTIME_API"] = f"127.0.0.1:{self.port}"
+        read_fd, write_fd = os.pipe()
+        os.set_blocking(read_fd, False)
+        self._out_fd = read_fd
+        self.spawned_at = time.perf_counter()
+        try:
+            self._proc = await asyncio.create_subprocess_exec(
+                *self.spec.argv,
+                cwd=self.spec.cwd,
+                env=env,
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=write_fd,
+                stderr=write_fd,
+                start_new_session=True,
+            )
+        except OSError as exc:
+            os.close(write_fd)
+            self._close_output()
+            await self._close_endpoint()
+            self.exited.set()
+            error = Outcome.runtime_error(
+                Outcome.FUNCTION_ERROR,
+                "Runtime.InvalidEntrypoint",
+                f"RequestId: {{request_id}} Error: could not start the runtime: {exc.strerror}",
+            )
+            self.events.sandbox_init_failed(self, error)
+            self.events.sandbox_exited(self, -1)
+            return
+        os.close(write_fd)
+        self.pid = self._proc.pid
+        self.loop.add_reader(read_fd, self._on_output)
+        self.loop.create_task(self._watch())
+
+    async def _watch(self) -> None:
+        assert self._proc is not None
+        returncode = await self._proc.wait()
+        self._drain_output()
+        self._close_output()
+        if self._parked is not None and not self._parked.done():
+            self._parked.cancel()
+        await self._close_endpoint()
+        self.exited.set()
+        self.events.sandbox_exited(self, returncode)
+
+    def kill(self) -> None:
+        """Stop the sandbox now: every process of its session is killed (a runtime's children too)."""
+        self.stopping = True
+        if self._proc is not None and self._proc.returncode is None:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(self.pid, signal.SIGKILL)
+
+    async def _close_endpoint(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            self._server = None
+        if self._web is not None:
+            web_server, self._web = self._web, None
+            await web_server.shutdown(0.1)
+
+    def _close_output(self) -> None:
+        if self._out_fd >= 0:
+            self.loop.remove_reader(self._out_fd)
+            os.close(self._out_fd)
+            self._out_fd = -1
+
+    def max_memory_mb(self) -> int:
+        """Peak resident memory of the runtime process (VmHWM), for REPORT lines."""
+        try:
+            with open(f"/proc/{self.pid}/status", "rb") as f:
+                for line in f:
+                    if line.startswith(b"VmHWM:"):
+                        return max(1, int(line.split()[1]) // 1024)
+        except (OSError, ValueError):
+            pass
+        return 0
+
+    # ------------------------------------------------------------------ output capture
+
+    def _on_output(self) -> None:
+        try:
+            data = os.read(self._out_fd, 65536)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        if not data:
+            self._close_output()
+            return
+        self._append_output(data)
+
+    def _drain_output(self) -> None:
+        """Read what the process wrote so far, so it lands on the invocation that wrote it."""
+        while self._out_fd >= 0:
+            try:
+                data = os.read(self._out_fd, 65536)
+            except BlockingIOError:
+                return
+            except OSError:
+                data = b""
+            if not data:
+                self._close_output()
+                return
+            self._append_output(data)
+
+    def _append_output(self, data: bytes) -> None:
+        buf = self.current.log if self.current is not None else self.init_log
+        buf += data
+        if len(buf) > LOG_KEEP_BYTES:
+            del buf[: len(buf) - LOG_KEEP_BYTES]
+
+    # ------------------------------------------------------------------ invocations
+
+    def deliver(self, inv: Invocation) -> None:
+        """Hand an invocation to the runtime: to its parked /next, or to the next /next it makes."""
+        assert self.current is None, "a sandbox runs one invocation at a time"
+        self.current = inv
+        if self.invocations == 0:
+            inv.cold = True
+            inv.init_duration_ms = self.init_duration_ms
+        self.invocations += 1
+        parked = self._parked
+        if parked is not None and not parked.done():
+            self._parked = None
+            parked.set_result(inv)
+        else:
+            self._pending = inv
+
+    def finish(self, inv: Invocation, outcome: Outcome) -> bool:
+        """Resolve `inv` once; False when it already had an outcome (a late response after a timeout)."""
+        if inv.future.done():
+            return False
+        if self.current is inv:
+            self.current = None
+        inv.ended = time.perf_counter()
+        if inv.want_tail:
+            inv.max_memory_mb = self.max_memory_mb()
+        inv.future.set_result(outcome)
+        return True
+
+    # ------------------------------------------------------------------ the Runtime API endpoint
+
+    async def _handle(self, request: web.BaseRequest) -> web.StreamResponse:
+        path = request.path
+        if not path.startswith(API_PREFIX):
+            return _platform_error(404, "NotFound", f"unknown path {path}")
+        rest = path[len(API_PREFIX) :]
+        method = request.method
+        if rest == "invocation/next" and method == "GET":
+            return await self._next()
+        if rest.startswith("invocation/") and method == "POST":
+            parts = rest.split("/")
+            if len(parts) == 3 and parts[2] in ("response", "error"):
+                return await self._post_result(request, parts[1], parts[2] == "error")
+        if rest == "init/error" and method == "POST":
+            return await self._init_error(request)
+        return _platform_error(404, "NotFound", f"unknown path {method} {path}")
+
+    async def _next(self) -> web.StreamResponse:
+        if self.stopping:
+            return _platform_error(500, "Runtime.Stopping", "sandbox is stopping")
+        if not self.ready:
+            self.ready = True
+            self.init_duration_ms = (time.perf_counter() - self.spawned_at) * 1000.0
+            self.events.sandbox_ready(self)  # may deliver an invocation right away
+        elif self.current is not None and self._pending is None and not self.current.future.done():
+            # Asking for more work without answering the current invocation: Lambda treats the
+            # runtime as broken. Fail the invocation; the runtime is told so and usually exits.
+            inv = self.current
+            self.events.sandbox_result(
+                self,
+                inv,
+                Outcome.runtime_error(
+                    Outcome.FUNCTION_ERROR,
+                    "Runtime.InvalidStateTransition",
+                    f"RequestId: {inv.request_id} Error: runtime asked for the next invocation "
+                    "before answering this one",
+                ),
+            )
+        inv = self._pending
+        if inv is None:
+            parked = self.loop.create_future()
+            self._parked = parked
+            try:
+                inv = await parked
+            except asyncio.CancelledError:
+                return _platform_error(500, "Runtime.Stopping", "sandbox is stopping")
+            finally:
+                if self._parked is parked:
+                    self._parked = None
+        else:
+            self._pending = None
+        inv.started = time.perf_counter()
+        headers = {
+            "Lambda-Runtime-Aws-Request-Id": inv.request_id,
+            "Lambda-Runtime-Deadline-Ms": str(inv.deadline_ms),
+            "Lambda-Runtime-Invoked-Function-Arn": self.spec.function_arn,
+            "Lambda-Runtime-Trace-Id": f"Root=1-{int(time.time()):08x}-{inv.request_id.replace('-', '')[:24]}"
+            ";Sampled=0",
+            "Content-Type": "application/json",
+        }
+        if inv.client_context:
+            headers["Lambda-Runtime-Client-Context"] = inv.client_context
+        return web.Response(body=inv.payload, headers=headers)
+
+    async def _post_result(self, request: web.BaseRequest, request_id: str, is_error: bool) -> web.Response:
+        inv = self.current
+        if inv is None or inv.request_id != request_id or self._pending is inv:
+            await request.content.read()
+            return _platform_error(400, "InvalidRequestID", f"no invocation {request_id} in progress")
+        body = await read_bounded(request, MAX_ERROR_BYTES if is_error else MAX_RESPONSE_BYTES)
+        self._drain_output()
+        if body is None:
+            outcome = Outcome.runtime_error(
+                Outcome.FUNCTION_ERROR,
+                "Function.ResponseSizeTooLarge",
+                "Response payload size exceeded maximum allowed payload size (6291556 bytes).",
+            )
+            self.events.sandbox_result(self, inv, outcome)
+            return _platform_error(413, "RequestEntityTooLarge", "response too large")
+        if is_error:
+            error_type = request.headers.get("Lambda-Runtime-Function-Error-Type") or _error_type(body)
+            outcome = Outcome(Outcome.FUNCTION_ERROR, body or b"{}", error_type or "Unhandled")
+        else:
+            outcome = Outcome(Outcome.OK, body)
+        self.events.sandbox_result(self, inv, outcome)
+        return web.Response(status=202, body=_ACCEPTED, content_type="application/json")
+
+    async def _init_error(self, request: web.BaseRequest) -> web.Response:
+        body = await read_bounded(request, MAX_ERROR_BYTES) or b"{}"
+        self._drain_output()
+        if self.ready:
+            return _platform_error(403, "InvalidStateTransition", "init already finished")
+        error_type = request.headers.get("Lambda-Runtime-Function-Error-Type") or _error_type(body)
+        self.events.sandbox_init_failed(
+            self, Outcome(Outcome.FUNCTION_ERROR, body, error_type or "Runtime.InitError")
+        )
+        return web.Response(status=202, body=_ACCEPTED, content_type="application/json")
+
+
+def _error_type(body: bytes) -> str | None:
+    try:
+        doc: Any = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return None
+    value = doc.get("errorType") if isinstance(doc, dict) else None
+    return value if isinstance(value, str) else None
