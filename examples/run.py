@@ -74,7 +74,7 @@ def main() -> int:
         server.kill()
         print("ember did not start", file=sys.stderr)
         return 1
-    endpoint = line.removeprefix("ember listening on ")
+    endpoint = line.removeprefix("ember listening on ").split()[0]  # then " (auth off)"
     print(line, flush=True)
     deploy(endpoint)
     print(

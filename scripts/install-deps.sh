@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Debian packages ember's tests and benchmarks use: curl (a bootstrap runtime in the tests),
-# spin (the protocol model), wrk (the load generator of `make bench`).
+# spin (the protocol model), wrk (the load generator of `make bench`), chromium and its driver (the
+# dashboard's browser test).
 # Installs what is missing when run as root; otherwise says what to install.
 set -euo pipefail
 need=()
@@ -8,6 +9,8 @@ command -v curl >/dev/null 2>&1 || need+=(curl)
 command -v spin >/dev/null 2>&1 || need+=(spin)
 command -v wrk  >/dev/null 2>&1 || need+=(wrk)
 command -v gcc  >/dev/null 2>&1 || need+=(gcc)
+command -v chromium >/dev/null 2>&1 || need+=(chromium)
+command -v chromedriver >/dev/null 2>&1 || need+=(chromium-driver)
 [ ${#need[@]} -eq 0 ] && exit 0
 if [ "$(id -u)" -eq 0 ] && command -v apt-get >/dev/null 2>&1; then
   echo "installing Debian packages: ${need[*]}"

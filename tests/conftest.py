@@ -52,7 +52,8 @@ class EmberServer:
         )
         assert self.proc.stdout is not None
         line = self.proc.stdout.readline()
-        if line.strip() != f"ember listening on {self.url}":
+        self.ready_line = line.strip()
+        if self.ready_line.partition(" (")[0] != f"ember listening on {self.url}":
             self.proc.kill()
             raise RuntimeError(f"ember did not start: {line!r}\n{self.log_path.read_text()}")
         return self

@@ -386,7 +386,7 @@ def _warm(core: Assigner, name: str, n: int, now: float) -> list[Sandbox]:
 def test_reuse_is_most_recently_used_first() -> None:
     core = Assigner(max_starting=3)
     core.put_function("f", 1)
-    first, second, third = _warm(core, "f", 3, 0.0)
+    _first, second, third = _warm(core, "f", 3, 0.0)
     assert core.acquire("x", "f", 1.0) is third
     assert core.acquire("y", "f", 1.0) is second
     core.release(third, 2.0)

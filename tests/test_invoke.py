@@ -337,10 +337,8 @@ def test_bad_invoke_input_gets_lambda_errors_and_loses_nothing(lam, server) -> N
     with pytest.raises(lam.exceptions.RequestTooLargeException) as exc:
         lam.invoke(FunctionName="strict", Payload=b'"' + b"x" * (6 * 1024 * 1024) + b'"')
     assert exc.value.response["ResponseMetadata"]["HTTPStatusCode"] == 413
-    with pytest.raises(ClientError) as exc:
-        lam.invoke(FunctionName="strict", InvocationType="Event")
-    assert 400 <= exc.value.response["ResponseMetadata"]["HTTPStatusCode"] < 500
-    assert "Event" in exc.value.response["Error"]["Message"]
+    with pytest.raises(lam.exceptions.InvalidParameterValueException):
+        lam.invoke(FunctionName="strict", LogType="Sideways")
     with pytest.raises(lam.exceptions.InvalidParameterValueException):
         lam.invoke(FunctionName="strict", ClientContext="%%% not base64")
     url = f"{server.url}/2015-03-31/functions/strict/invocations"

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Annotated
 
 import typer
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help="ember: Lambda-compatible functions on your own machines.")
+app = typer.Typer(
+    add_completion=False, no_args_is_help=True, help="ember: Lambda-compatible functions on your own machines."
+)
 
 
 @app.command()
@@ -17,9 +20,24 @@ def serve(
     account_concurrency: int = typer.Option(1000, "--account-concurrency", min=1, help="Account concurrency limit."),
     max_starting: int = typer.Option(4, "--max-starting", min=1, help="Sandboxes starting at once per function."),
     max_waiting: int = typer.Option(128, "--max-waiting", min=0, help="Queued invokes per function before 429."),
-    keep_alive: str = typer.Option("default", "--keep-alive", help="Keep-alive policy: default, fixed-<N>m."),
+    keep_alive: str = typer.Option(
+        "default", "--keep-alive", help="Keep-alive policy: default, hybrid, greedy-dual[-<N>g], fixed-<N>m."
+    ),
     drain: float = typer.Option(30.0, "--drain", help="Seconds to let in-flight invokes finish on shutdown."),
     region: str = typer.Option("us-east-1", help="Region shown in ARNs and given to functions."),
+    async_concurrency: int = typer.Option(
+        32, "--async-concurrency", min=1, help="Asynchronous events running at once, in all."
+    ),
+    async_delay_scale: float = typer.Option(
+        1.0, "--async-delay-scale", min=0.0001, help="Multiply async retry delays (tests shrink them)."
+    ),
+    auth_file: Annotated[
+        Path | None,
+        typer.Option("--auth", help="Require SigV4: a file of `ACCESS_KEY_ID SECRET_ACCESS_KEY` lines."),
+    ] = None,
+    insecure: Annotated[
+        bool, typer.Option("--insecure", help="Allow a non-loopback --host without --auth.")
+    ] = False,
 ) -> None:
     """Serve the Lambda API and run functions."""
     from ember.core.keepalive import policy_from_name
@@ -29,6 +47,19 @@ def serve(
         policy_from_name(keep_alive)
     except ValueError as exc:
         raise typer.BadParameter(str(exc), param_hint="--keep-alive") from None
+    from ember.auth import CredentialsError, bind_refusal, load_credentials
+
+    credentials = None
+    if auth_file is not None:
+        try:
+            credentials = load_credentials(auth_file)
+        except CredentialsError as exc:
+            typer.echo(f"ember: {exc}", err=True)
+            raise typer.Exit(2) from None
+    refusal = bind_refusal(host, credentials is not None, insecure)
+    if refusal:
+        typer.echo(refusal, err=True)
+        raise typer.Exit(2)
     run(
         ServeOptions(
             host=host,
@@ -40,8 +71,63 @@ def serve(
             keep_alive=keep_alive,
             drain_s=drain,
             region=region,
+            async_concurrency=async_concurrency,
+            async_delay_scale=async_delay_scale,
+            credentials=credentials,
+            insecure=insecure,
         )
     )
+
+
+@app.command()
+def openapi() -> None:
+    """Print the OpenAPI document of ember's HTTP API (also served at /openapi.json)."""
+    import json
+
+    from ember.openapi import document
+
+    typer.echo(json.dumps(document(), indent=2))
+
+
+@app.command()
+def replay(
+    trace: Annotated[Path, typer.Option("--trace", help="Directory of an Azure 2019 trace sample.")],
+    sample: Annotated[str, typer.Option("--sample", help="N: reads N_inv.csv, N_run.csv, N_mem.csv.")],
+    policy: Annotated[
+        list[str] | None,
+        typer.Option("--policy", help="Repeatable: fixed-<N>m, hybrid, greedy-dual[-<N>g], default."),
+    ] = None,
+    out: Annotated[Path, typer.Option("--out", help="Directory for results.md/.jsonl, tradeoff.png.")] = Path(
+        "replay-out"
+    ),
+    init_s: Annotated[float, typer.Option("--init-s", min=0.0, help="Cold-start init time (s).")] = 1.0,
+    seed: Annotated[int, typer.Option("--seed", help="Seed for arrivals and durations.")] = 1,
+    half: Annotated[str, typer.Option("--half", help="all, even or odd functions by hash.")] = "all",
+    minutes: Annotated[int | None, typer.Option("--minutes", min=1, help="Only the first N minutes.")] = None,
+    budget_gb: Annotated[
+        float | None, typer.Option("--budget-gb", help="greedy-dual budget (default: fixed-10m's mean).")
+    ] = None,
+    json_lines: Annotated[bool, typer.Option("--json", help="One JSON object per policy per line.")] = False,
+) -> None:
+    """Replay a production trace through ember's real core with a simulated clock, per policy."""
+    from ember.core.keepalive import policy_from_name
+    from ember.replay import markdown_table, run
+
+    policy = policy or ["fixed-10m", "fixed-20m", "hybrid", "greedy-dual", "default"]
+    for name in policy:
+        try:
+            policy_from_name(name)
+        except ValueError as exc:
+            raise typer.BadParameter(str(exc), param_hint="--policy") from None
+    if half not in ("all", "even", "odd"):
+        raise typer.BadParameter("expected all, even or odd", param_hint="--half")
+    results = run(trace, sample, policy, out, init_s, seed, half, minutes, budget_gb)
+    if json_lines:
+        for r in results:
+            typer.echo(r.json_line())
+    else:
+        typer.echo(markdown_table(results), nl=False)
+        typer.echo(f"written to {out}/ (results.md, results.jsonl, tradeoff.png)")
 
 
 @app.command()
@@ -51,6 +137,10 @@ def version() -> None:
 
     typer.echo(__version__)
 
+
+from ember import commands as _client_commands  # noqa: E402 - deploy, invoke, ls, rm, logs, top
+
+_client_commands.register(app)
 
 if __name__ == "__main__":
     app()

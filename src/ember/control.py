@@ -10,12 +10,14 @@ import base64
 import binascii
 import re
 import sys
+import time
 import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
 from ember.core.assignment import Assigner
+from ember.core.eventqueue import DEFAULT_MAX_AGE_S, DEFAULT_MAX_RETRIES, RetryPolicy
 from ember.errors import LambdaError, conflict, invalid, not_found
 from ember.sandbox import LaunchSpec
 from ember.store import FunctionRecord, Store, now_iso
@@ -50,6 +52,7 @@ class ControlPlane:
         self.core = core
         self.settings = settings
         self.functions: dict[str, FunctionRecord] = {}
+        self.event_configs: dict[str, tuple[dict[str, Any], float]] = store.load_event_configs()
         for rec in store.load_all():
             self._publish(rec)
         store.gc_code({r.code_sha256 for r in self.functions.values()})
@@ -118,6 +121,8 @@ class ControlPlane:
         }
         if c.get("Environment"):
             out["Environment"] = {"Variables": c["Environment"]}
+        if c.get("DeadLetterConfig"):
+            out["DeadLetterConfig"] = c["DeadLetterConfig"]
         return out
 
     def get_function(self, rec: FunctionRecord) -> dict[str, Any]:
@@ -173,6 +178,7 @@ class ControlPlane:
     def delete(self, rec: FunctionRecord) -> None:
         self.store.delete(rec.name)
         del self.functions[rec.name]
+        self.event_configs.pop(rec.name, None)
         if rec.reserved_concurrency is not None:
             self.core.set_reserved(rec.name, None)
         self.core.delete_function(rec.name)
@@ -205,6 +211,88 @@ class ControlPlane:
             },
             "AccountUsage": {"TotalCodeSize": total, "FunctionCount": len(self.functions)},
         }
+
+    # ------------------------------------------------------------------ asynchronous invocation
+
+    def event_config(self, rec: FunctionRecord) -> dict[str, Any]:
+        found = self.event_configs.get(rec.name)
+        if found is None:
+            raise LambdaError(
+                404,
+                "ResourceNotFoundException",
+                f"The function {self.arn(rec.name)} doesn't have an EventInvokeConfig",
+            )
+        config, modified = found
+        return {"LastModified": modified, "FunctionArn": f"{self.arn(rec.name)}:$LATEST", **config}
+
+    def put_event_config(self, rec: FunctionRecord, body: dict[str, Any], merge: bool) -> dict[str, Any]:
+        """PutFunctionEventInvokeConfig replaces, UpdateFunctionEventInvokeConfig merges."""
+        current = self.event_configs.get(rec.name)
+        config: dict[str, Any] = dict(current[0]) if merge and current else {}
+        if "MaximumRetryAttempts" in body:
+            value = body["MaximumRetryAttempts"]
+            if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= 2:
+                raise invalid("MaximumRetryAttempts must be between 0 and 2")
+            config["MaximumRetryAttempts"] = value
+        if "MaximumEventAgeInSeconds" in body:
+            value = body["MaximumEventAgeInSeconds"]
+            if not isinstance(value, int) or isinstance(value, bool) or not 60 <= value <= 21600:
+                raise invalid("MaximumEventAgeInSeconds must be between 60 and 21600")
+            config["MaximumEventAgeInSeconds"] = value
+        if "DestinationConfig" in body:
+            dest = body["DestinationConfig"]
+            if not isinstance(dest, dict) or set(dest) - {"OnSuccess", "OnFailure"}:
+                raise invalid("DestinationConfig takes OnSuccess and OnFailure")
+            merged = dict(config.get("DestinationConfig", {})) if merge else {}
+            for key, value in dest.items():
+                target = value.get("Destination") if isinstance(value, dict) else None
+                if target:
+                    self.check_target(target, f"DestinationConfig.{key}")
+                    merged[key] = {"Destination": target}
+                else:
+                    merged.pop(key, None)
+            config["DestinationConfig"] = merged
+        config.setdefault("DestinationConfig", {})
+        modified = time.time()
+        self.store.put_event_config(rec.name, config, modified)
+        self.event_configs[rec.name] = (config, modified)
+        return self.event_config(rec)
+
+    def delete_event_config(self, rec: FunctionRecord) -> None:
+        self.event_config(rec)  # 404 when there is none
+        self.store.delete_event_config(rec.name)
+        del self.event_configs[rec.name]
+
+    def retry_policy(self, name: str) -> tuple[RetryPolicy, dict[str, str]]:
+        """What the async queue needs: retries, maximum age and where results go."""
+        config = self.event_configs.get(name, ({}, 0.0))[0]
+        policy = RetryPolicy(
+            config.get("MaximumRetryAttempts", DEFAULT_MAX_RETRIES),
+            float(config.get("MaximumEventAgeInSeconds", DEFAULT_MAX_AGE_S)),
+        )
+        dest = config.get("DestinationConfig", {})
+        targets: dict[str, str] = {}
+        if "OnSuccess" in dest:
+            targets["on_success"] = dest["OnSuccess"]["Destination"]
+        if "OnFailure" in dest:
+            targets["on_failure"] = dest["OnFailure"]["Destination"]
+        rec = self.functions.get(name)
+        dlq = rec.config.get("DeadLetterConfig", {}).get("TargetArn") if rec else None
+        if dlq:
+            targets["dlq"] = dlq
+        return policy, targets
+
+    @staticmethod
+    def check_target(arn: str, what: str) -> None:
+        """Destinations and dead-letter targets are ember functions (by ARN)."""
+        parts = arn.split(":") if isinstance(arn, str) else []
+        if len(parts) not in (7, 8) or parts[:3] != ["arn", "aws", "lambda"] or parts[5] != "function":
+            raise invalid(
+                f"{what} must be the ARN of a Lambda function (ember delivers to functions only; "
+                f"SQS, SNS and EventBridge targets are not supported): {arn!r}"
+            )
+        if not NAME_RE.match(parts[6]):
+            raise invalid(f"{what}: invalid function name in {arn!r}")
 
     # ------------------------------------------------------------------ sandboxes
 
@@ -365,6 +453,14 @@ class ControlPlane:
                     "environment variables you have provided exceeded the 4KB limit."
                 )
             config["Environment"] = variables
+        if "DeadLetterConfig" in body:
+            dlc = body["DeadLetterConfig"]
+            target = dlc.get("TargetArn") if isinstance(dlc, dict) else None
+            if target:
+                ControlPlane.check_target(target, "DeadLetterConfig.TargetArn")
+                config["DeadLetterConfig"] = {"TargetArn": target}
+            else:
+                config.pop("DeadLetterConfig", None)
         if config.get("Runtime") in PYTHON_RUNTIMES and not config.get("Handler"):
             raise invalid("Handler is required for a Python runtime")
 
@@ -373,3 +469,4 @@ def _log_stream(revision_id: str, sandbox_id: int) -> str:
     """Lambda's stream name: date, version, and an id unique to the execution environment."""
     unique = uuid.uuid5(uuid.NAMESPACE_OID, f"{revision_id}/{sandbox_id}").hex
     return f"{datetime.now(UTC):%Y/%m/%d}/[$LATEST]{unique}"
+

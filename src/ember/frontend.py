@@ -31,10 +31,12 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from ember import __version__
+from ember import __version__, openapi
+from ember.asyncq import MAX_ASYNC_PAYLOAD, AsyncInvoker
 from ember.control import ControlPlane
 from ember.errors import LambdaError, invalid, service_error
 from ember.logs import tail_header
+from ember.reqctx import request_id_var
 from ember.sandbox import Outcome, read_bounded
 from ember.worker import Worker
 
@@ -54,6 +56,7 @@ def api(handler: Handler) -> Callable[[web.Request], Awaitable[web.StreamRespons
     @functools.wraps(handler)
     async def wrapped(request: web.Request) -> web.StreamResponse:
         request_id = str(uuid.uuid4())
+        request_id_var.set(request_id)  # ember's own log lines of this request carry it (ember.reqctx)
         try:
             return await handler(request, request_id)
         except LambdaError as err:
@@ -93,9 +96,10 @@ async def _body_json(request: web.Request) -> dict[str, Any]:
 
 
 class Frontend:
-    def __init__(self, control: ControlPlane, worker: Worker) -> None:
+    def __init__(self, control: ControlPlane, worker: Worker, asyncq: AsyncInvoker | None = None) -> None:
         self.control = control
         self.worker = worker
+        self.asyncq = asyncq
         self.accepting = True
 
     def routes(self, app: web.Application) -> None:
@@ -115,7 +119,15 @@ class Frontend:
         r.add_delete("/2017-10-31/functions/{name}/concurrency", api(self.delete_concurrency))
         r.add_get("/2016-08-19/account-settings", api(self.account_settings))
         r.add_get("/2016-08-19/account-settings/", api(self.account_settings))
+        eic = "/2019-09-25/functions/{name}/event-invoke-config"
+        r.add_put(eic, api(self.put_event_config))
+        r.add_post(eic, api(self.update_event_config))
+        r.add_get(eic, api(self.get_event_config))
+        r.add_delete(eic, api(self.delete_event_config))
+        r.add_get(eic + "/list", api(self.list_event_configs))
+        r.add_get("/_ember/queues", api(self.queues))
         r.add_get("/health", self.health)
+        r.add_get("/openapi.json", openapi.handler)  # describes every route here: keep it in step
         r.add_get("/_ember/code/{name}/{file}", api(self.code))
         r.add_route("*", "/{tail:.*}", api(self.unknown))
 
@@ -127,14 +139,7 @@ class Frontend:
         headers = request.headers
         rec = self.control.resolve(request.match_info["name"], request.query.get("Qualifier"))
         kind = headers.get("X-Amz-Invocation-Type", "RequestResponse")
-        if kind == "Event":
-            raise LambdaError(
-                400,
-                "InvalidParameterValueException",
-                "InvocationType Event (asynchronous invoke) is not supported by this ember yet; "
-                "use RequestResponse",
-            )
-        if kind not in ("RequestResponse", "DryRun"):
+        if kind not in ("RequestResponse", "DryRun", "Event"):
             raise invalid(f"Invalid InvocationType {kind!r}: expected RequestResponse, Event or DryRun")
         log_type = headers.get("X-Amz-Log-Type", "None")
         if log_type not in ("None", "Tail"):
@@ -142,12 +147,13 @@ class Frontend:
         client_context = headers.get("X-Amz-Client-Context")
         if client_context is not None:
             client_context = _decode_client_context(client_context)
-        payload = await read_bounded(request, MAX_SYNC_PAYLOAD)
+        limit = MAX_ASYNC_PAYLOAD if kind == "Event" else MAX_SYNC_PAYLOAD
+        payload = await read_bounded(request, limit)
         if payload is None:
             raise LambdaError(
                 413,
                 "RequestTooLargeException",
-                f"Request must be smaller than {MAX_SYNC_PAYLOAD} bytes for the InvokeFunction operation",
+                f"Request must be smaller than {limit} bytes for the InvokeFunction operation",
             )
         if payload:
             try:
@@ -160,6 +166,12 @@ class Frontend:
             payload = b"{}"
         if kind == "DryRun":
             return web.Response(status=204, headers={"x-amzn-RequestId": request_id})
+        if kind == "Event":
+            if log_type == "Tail":
+                raise invalid("LogType Tail is only supported for RequestResponse invocations")
+            assert self.asyncq is not None
+            await self.asyncq.accept(rec.name, payload, request_id)  # returns once durable
+            return web.Response(status=202, headers={"x-amzn-RequestId": request_id})
         want_tail = log_type == "Tail"
         inv, outcome = await self.worker.invoke(rec, payload, request_id, client_context, want_tail)
         out_headers = {
@@ -234,6 +246,8 @@ class Frontend:
     async def put_concurrency(self, request: web.Request, request_id: str) -> web.StreamResponse:
         rec = self.control.resolve(request.match_info["name"])
         value = self.control.put_concurrency(rec, await _body_json(request))
+        if self.asyncq is not None:
+            self.asyncq.function_changed(rec.name, value)
         return _json({"ReservedConcurrentExecutions": value}, request_id)
 
     async def get_concurrency(self, request: web.Request, request_id: str) -> web.StreamResponse:
@@ -248,10 +262,41 @@ class Frontend:
     async def delete_concurrency(self, request: web.Request, request_id: str) -> web.StreamResponse:
         rec = self.control.resolve(request.match_info["name"])
         self.control.delete_concurrency(rec)
+        if self.asyncq is not None:
+            self.asyncq.function_changed(rec.name, None)
         return web.Response(status=204, headers={"x-amzn-RequestId": request_id})
 
     async def account_settings(self, request: web.Request, request_id: str) -> web.StreamResponse:
         return _json(self.control.account_settings(), request_id)
+
+    # ------------------------------------------------------------------ asynchronous invocation
+
+    def _eic_function(self, request: web.Request):
+        return self.control.resolve(request.match_info["name"], request.query.get("Qualifier"))
+
+    async def put_event_config(self, request: web.Request, request_id: str) -> web.StreamResponse:
+        rec = self._eic_function(request)
+        return _json(self.control.put_event_config(rec, await _body_json(request), merge=False), request_id)
+
+    async def update_event_config(self, request: web.Request, request_id: str) -> web.StreamResponse:
+        rec = self._eic_function(request)
+        return _json(self.control.put_event_config(rec, await _body_json(request), merge=True), request_id)
+
+    async def get_event_config(self, request: web.Request, request_id: str) -> web.StreamResponse:
+        return _json(self.control.event_config(self._eic_function(request)), request_id)
+
+    async def delete_event_config(self, request: web.Request, request_id: str) -> web.StreamResponse:
+        self.control.delete_event_config(self._eic_function(request))
+        return web.Response(status=204, headers={"x-amzn-RequestId": request_id})
+
+    async def list_event_configs(self, request: web.Request, request_id: str) -> web.StreamResponse:
+        rec = self.control.resolve(request.match_info["name"])
+        configs = [self.control.event_config(rec)] if rec.name in self.control.event_configs else []
+        return _json({"FunctionEventInvokeConfigs": configs}, request_id)
+
+    async def queues(self, request: web.Request, request_id: str) -> web.StreamResponse:
+        """Asynchronous queue depth, oldest event age, retries and drops, per function."""
+        return _json(self.asyncq.stats() if self.asyncq else {}, request_id)
 
     async def code(self, request: web.Request, request_id: str) -> web.StreamResponse:
         rec = self.control.resolve(request.match_info["name"])
@@ -276,6 +321,8 @@ class Frontend:
             "unreserved_inflight": core.unreserved_inflight,
             **self.worker.stats(),
         }
+        if self.asyncq is not None:
+            body["async"] = self.asyncq.summary()
         return web.Response(body=orjson.dumps(body), content_type="application/json")
 
 

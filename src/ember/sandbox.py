@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import os
 import signal
 import time
@@ -78,6 +79,7 @@ class Invocation:
     init_duration_ms: float = 0.0
     want_tail: bool = False
     max_memory_mb: int = 0
+    proc: Any = None  # the SandboxProcess it was handed to (metrics, function logs)
 
 
 class SandboxEvents(Protocol):
@@ -98,8 +100,14 @@ def _platform_error(status: int, error_type: str, message: str) -> web.Response:
 _ACCEPTED = orjson.dumps({"status": "OK"})
 
 
+PRELOADED_BODY = "ember.body"  # set by ember.auth, which reads (and hashes) the body first
+
+
 async def read_bounded(request: web.BaseRequest, limit: int) -> bytes | None:
     """Read a request body of at most `limit` bytes; None when it is larger (the rest is drained)."""
+    preloaded = request.get(PRELOADED_BODY)
+    if preloaded is not None:
+        return preloaded if len(preloaded) <= limit else None
     length = request.content_length
     if length is not None and length > limit:
         while await request.content.readany():
@@ -167,6 +175,7 @@ class SandboxProcess:
                 stdout=write_fd,
                 stderr=write_fd,
                 start_new_session=True,
+                preexec_fn=_die_with_ember,
             )
         except OSError as exc:
             os.close(write_fd)
@@ -390,6 +399,15 @@ class SandboxProcess:
             self, Outcome(Outcome.FUNCTION_ERROR, body, error_type or "Runtime.InitError")
         )
         return web.Response(status=202, body=_ACCEPTED, content_type="application/json")
+
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_ember() -> None:
+    """In the child, before exec: if ember dies (even by SIGKILL), the kernel kills the sandbox."""
+    _libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
 def _error_type(body: bytes) -> str | None:

@@ -1,6 +1,7 @@
 """ember in one process: the frontend, the control plane, the core and this node's sandboxes.
 
-Startup prints exactly one line, `ember listening on http://HOST:PORT`, once requests are accepted.
+Startup prints exactly one line, starting `ember listening on http://HOST:PORT`, once requests are
+accepted, followed by whether authentication is on: ` (auth on: SigV4, N keys)` or ` (auth off)`.
 SIGTERM or SIGINT: stop accepting, let in-flight invokes finish (bounded by `drain_s`), stop every
 sandbox and wait for each process to be gone, then return (exit 0).
 """
@@ -18,10 +19,14 @@ from pathlib import Path
 import orjson
 from aiohttp import web
 
+from ember import auth
+from ember.asyncq import AsyncInvoker
 from ember.control import ControlPlane, Settings
 from ember.core.assignment import Assigner
 from ember.core.keepalive import policy_from_name
 from ember.frontend import Frontend
+from ember.ops import Operations
+from ember.reqctx import RequestIdFilter
 from ember.store import Store
 from ember.worker import Worker
 
@@ -39,6 +44,10 @@ class ServeOptions:
     keep_alive: str = "default"
     drain_s: float = 30.0
     region: str = "us-east-1"
+    async_concurrency: int = 32
+    async_delay_scale: float = 1.0
+    credentials: dict[str, str] | None = None  # ACCESS_KEY_ID -> secret (ember.auth); None: auth off
+    insecure: bool = False  # allow a non-loopback address without credentials
 
 
 class JsonFormatter(logging.Formatter):
@@ -68,6 +77,7 @@ def setup_logging(level: int = logging.INFO) -> None:
         handler.setFormatter(JsonFormatter())
     else:
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    handler.addFilter(RequestIdFilter())  # request-scoped lines carry request_id
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
@@ -75,6 +85,9 @@ def setup_logging(level: int = logging.INFO) -> None:
 
 
 async def serve(opts: ServeOptions, stop: asyncio.Event | None = None) -> None:
+    refusal = auth.bind_refusal(opts.host, bool(opts.credentials), opts.insecure)
+    if refusal:
+        raise SystemExit(refusal)
     loop = asyncio.get_running_loop()
     stop = stop or asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -91,8 +104,22 @@ async def serve(opts: ServeOptions, stop: asyncio.Event | None = None) -> None:
     control = ControlPlane(store, core, settings)
     worker = Worker(core, control.launch_spec)
     worker.start()
-    frontend = Frontend(control, worker)
-    app = web.Application(client_max_size=80 * 1024 * 1024)
+    asyncq = AsyncInvoker(
+        opts.data_dir,
+        control.functions,
+        worker.invoke,
+        control.arn,
+        control.retry_policy,
+        max_inflight=opts.async_concurrency,
+        delay_scale=opts.async_delay_scale,
+    )
+    await asyncq.start()
+    frontend = Frontend(control, worker, asyncq)
+    middlewares = [auth.middleware(auth.Verifier(opts.credentials))] if opts.credentials else []
+    app = web.Application(client_max_size=80 * 1024 * 1024, middlewares=middlewares)
+    ops = Operations(control, worker, opts.data_dir, asyncq)  # /metrics, /_ember/stats|logs, /dashboard
+    ops.routes(app)  # before the frontend's catch-all route
+    ops.start()
     frontend.routes(app)
     runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=opts.drain_s)
     await runner.setup()
@@ -101,12 +128,16 @@ async def serve(opts: ServeOptions, stop: asyncio.Event | None = None) -> None:
         await site.start()
     except OSError as exc:
         await runner.cleanup()
+        await asyncq.stop()
         await worker.stop()
+        await ops.stop()
         store.close()
         raise SystemExit(f"ember: cannot listen on {opts.host}:{opts.port}: {exc.strerror}") from None
     port = runner.addresses[0][1]
     settings.endpoint = f"http://{opts.host}:{port}"
-    print(f"ember listening on http://{opts.host}:{port}", flush=True)
+    keys = len(opts.credentials or ())
+    auth_note = f"auth on: SigV4, {keys} key{'s' * (keys != 1)}" if keys else "auth off"
+    print(f"ember listening on http://{opts.host}:{port} ({auth_note})", flush=True)
     log.info("started", extra={"data_dir": str(opts.data_dir), "functions": len(control.functions)})
     try:
         await stop.wait()
@@ -114,8 +145,10 @@ async def serve(opts: ServeOptions, stop: asyncio.Event | None = None) -> None:
         log.info("stopping: draining in-flight invokes", extra={"drain_s": opts.drain_s})
         frontend.accepting = False
         await runner.cleanup()  # stops listening, waits (bounded) for in-flight requests
+        await asyncq.stop(drain_s=min(opts.drain_s, 5.0))  # running events finish or stay queued
         await worker.drain(1.0)
         await worker.stop()
+        await ops.stop()  # writes the function logs still buffered
         store.close()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(sig)

@@ -2,7 +2,9 @@
 
 Layout (a one-way door, see docs/decisions/0001-data-dir-layout.md):
   DATA_DIR/ember.db              SQLite (WAL): table `functions`, one row a function; configuration
-                                 as JSON text with Lambda's field names; table `meta` (schema_version)
+                                 as JSON text with Lambda's field names; `event_invoke_configs`;
+                                 table `meta` (schema_version)
+  DATA_DIR/queue.db              asynchronous events (see ember.asyncq)
   DATA_DIR/code/<sha256>.zip     the uploaded zip, content-addressed (hex SHA-256)
   DATA_DIR/code/<sha256>/        the zip extracted, read-only to sandboxes
 
@@ -21,6 +23,7 @@ import sqlite3
 import stat
 import tempfile
 import zipfile
+import zlib
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -31,8 +34,12 @@ import orjson
 from ember.errors import LambdaError, invalid
 
 SCHEMA_VERSION = 1
-MAX_UNZIPPED_BYTES = 250 * 1024 * 1024  # Lambda's limit for a function's unzipped code
+# Lambda's limit for a function's unzipped code; EMBER_MAX_UNZIPPED_BYTES lowers it (tests do).
+MAX_UNZIPPED_BYTES = int(os.environ.get("EMBER_MAX_UNZIPPED_BYTES", 250 * 1024 * 1024))
 MAX_ZIP_ENTRIES = 20_000
+MAX_ENTRY_NAME_BYTES = 1024  # a whole path inside the zip
+MAX_NAME_COMPONENT_BYTES = 255  # one file or directory name (Linux's NAME_MAX)
+MAX_PATH_DEPTH = 64
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -45,6 +52,11 @@ CREATE TABLE IF NOT EXISTS functions (
     revision_id TEXT NOT NULL,
     last_modified TEXT NOT NULL,
     reserved_concurrency INTEGER
+);
+CREATE TABLE IF NOT EXISTS event_invoke_configs (
+    function TEXT PRIMARY KEY,
+    config TEXT NOT NULL,
+    last_modified REAL NOT NULL
 );
 """
 
@@ -137,6 +149,22 @@ class Store:
 
     def delete(self, name: str) -> None:
         self.db.execute("DELETE FROM functions WHERE name=?", (name,))
+        self.db.execute("DELETE FROM event_invoke_configs WHERE function=?", (name,))
+
+    # ------------------------------------------------------------------ event invoke configs
+
+    def load_event_configs(self) -> dict[str, tuple[dict[str, Any], float]]:
+        rows = self.db.execute("SELECT function, config, last_modified FROM event_invoke_configs").fetchall()
+        return {r[0]: (orjson.loads(r[1]), r[2]) for r in rows}
+
+    def put_event_config(self, function: str, config: dict[str, Any], last_modified: float) -> None:
+        self.db.execute(
+            "INSERT OR REPLACE INTO event_invoke_configs VALUES (?, ?, ?)",
+            (function, orjson.dumps(config).decode(), last_modified),
+        )
+
+    def delete_event_config(self, function: str) -> None:
+        self.db.execute("DELETE FROM event_invoke_configs WHERE function=?", (function,))
 
     # ------------------------------------------------------------------ code
 
@@ -153,10 +181,13 @@ class Store:
         target = self.code_path(sha)
         if target.is_dir():
             return sha, len(zip_bytes)
+        bound = _entry_bound(zip_bytes)  # before zipfile builds an object per entry
+        if bound > MAX_ZIP_ENTRIES:
+            raise invalid(f"Uploaded zip has more than the {MAX_ZIP_ENTRIES} entries allowed.")
         try:
             archive = zipfile.ZipFile(io.BytesIO(zip_bytes))
             infos = archive.infolist()
-        except (zipfile.BadZipFile, ValueError, OSError) as exc:
+        except (zipfile.BadZipFile, ValueError, OSError, EOFError, NotImplementedError) as exc:
             raise invalid(
                 "Could not unzip uploaded file. Please check your file, then try to upload again."
             ) from exc
@@ -191,25 +222,40 @@ class Store:
         root = dest.resolve()
         for info in infos:
             name = info.filename
+            _check_entry_name(info)
             parts = Path(name).parts
             if name.startswith(("/", "\\")) or ".." in parts or (parts and ":" in parts[0]):
                 raise invalid(f"Zip entry {name!r} points outside the function's directory.")
             mode = info.external_attr >> 16
             if stat.S_ISLNK(mode):
                 raise invalid(f"Zip entry {name!r} is a symbolic link; links are not allowed.")
+            if info.flag_bits & 0x1:
+                raise invalid(f"Zip entry {name!r} is encrypted; encrypted zips are not supported.")
             out = (dest / name).resolve()
             if out != root and root not in out.parents:
                 raise invalid(f"Zip entry {name!r} points outside the function's directory.")
-            if info.is_dir():
-                out.mkdir(parents=True, exist_ok=True)
-                continue
-            out.parent.mkdir(parents=True, exist_ok=True)
-            with archive.open(info) as src, open(out, "wb") as dst:
-                while chunk := src.read(1 << 20):
-                    written += len(chunk)
-                    if written > MAX_UNZIPPED_BYTES:
-                        raise invalid(f"Unzipped size must be smaller than {MAX_UNZIPPED_BYTES} bytes")
-                    dst.write(chunk)
+            if out == root and not info.is_dir():
+                raise invalid(f"Zip entry {name!r} has no file name.")
+            try:
+                if info.is_dir():
+                    out.mkdir(parents=True, exist_ok=True)
+                    continue
+                out.parent.mkdir(parents=True, exist_ok=True)
+                with archive.open(info) as src, open(out, "wb") as dst:
+                    while chunk := src.read(1 << 20):
+                        written += len(chunk)
+                        if written > MAX_UNZIPPED_BYTES:
+                            raise invalid(f"Unzipped size must be smaller than {MAX_UNZIPPED_BYTES} bytes")
+                        dst.write(chunk)
+            except (FileExistsError, NotADirectoryError, IsADirectoryError):
+                raise invalid(
+                    f"Zip entry {name!r} collides with another entry (a file and a directory of one name)."
+                ) from None
+            except (zipfile.BadZipFile, zlib.error, EOFError, NotImplementedError, RuntimeError) as exc:
+                raise invalid(
+                    f"Could not unzip uploaded file (entry {name!r}: {exc}). Please check your file, "
+                    "then try to upload again."
+                ) from None
             perm = mode & 0o777
             os.chmod(out, 0o755 if perm & 0o111 or Path(name).name == "bootstrap" else 0o644)
 
@@ -223,3 +269,36 @@ class Store:
                 else:
                     with contextlib.suppress(OSError):
                         entry.unlink()
+
+
+def _entry_bound(zip_bytes: bytes) -> int:
+    """At least as many as the entries zipfile would parse: central directory signatures within the
+    central directory the end record names (0 if there is none: zipfile then refuses the zip)."""
+    try:
+        endrec = zipfile._EndRecData(io.BytesIO(zip_bytes))  # type: ignore[attr-defined]
+        if not endrec:
+            return 0
+        size = endrec[zipfile._ECD_SIZE]  # type: ignore[attr-defined]
+        start = endrec[zipfile._ECD_LOCATION] - size  # type: ignore[attr-defined]
+        if endrec[zipfile._ECD_SIGNATURE] == zipfile.stringEndArchive64:  # type: ignore[attr-defined]
+            start -= zipfile.sizeEndCentDir64 + zipfile.sizeEndCentDir64Locator  # type: ignore[attr-defined]
+    except Exception:  # an unreadable end record: zipfile.ZipFile refuses it with BadZipFile
+        return 0
+    start = max(start, 0)
+    return zip_bytes.count(b"PK\x01\x02", start, start + size)
+
+
+def _check_entry_name(info: zipfile.ZipInfo) -> None:
+    """Names the filesystem can hold, with no surprises: no NUL (zipfile cuts the name there), at
+    most MAX_ENTRY_NAME_BYTES in all, MAX_NAME_COMPONENT_BYTES a component, MAX_PATH_DEPTH deep."""
+    name = info.filename
+    if "\x00" in info.orig_filename or not name:
+        raise invalid(f"Zip entry {info.orig_filename[:200]!r} has an invalid name.")
+    encoded = name.encode("utf-8", "surrogateescape")
+    if len(encoded) > MAX_ENTRY_NAME_BYTES:
+        raise invalid(f"Zip entry {name[:100]!r}... has a name longer than {MAX_ENTRY_NAME_BYTES} bytes.")
+    components = [c for c in encoded.split(b"/") if c]
+    if len(components) > MAX_PATH_DEPTH:
+        raise invalid(f"Zip entry {name[:100]!r}... is nested deeper than {MAX_PATH_DEPTH} directories.")
+    if any(len(c) > MAX_NAME_COMPONENT_BYTES for c in components):
+        raise invalid(f"Zip entry {name[:100]!r} has a name longer than {MAX_NAME_COMPONENT_BYTES} bytes.")

@@ -28,7 +28,8 @@ from ember.core.assignment import (
     Stop,
     Throttle,
 )
-from ember.errors import not_found, throttled
+from ember.errors import LambdaError, not_found, throttled
+from ember.metrics import Observer
 from ember.sandbox import Invocation, LaunchSpec, Outcome, SandboxProcess
 from ember.store import FunctionRecord
 
@@ -51,6 +52,7 @@ class Worker:
         self._tick_task: asyncio.Task[None] | None = None
         self.cold_starts = 0
         self.warm_starts = 0
+        self.observer = Observer(core)  # metrics and function logs (ember.metrics)
 
     def start(self) -> None:
         self._tick_task = self.loop.create_task(self._ticker())
@@ -83,6 +85,7 @@ class Worker:
             assert isinstance(res, Throttle)
             if res.status == 404:
                 raise not_found("Function", rec.name)
+            self.observer.throttled(rec.name, res.reason)
             raise throttled(res.reason)
         if self.core.has_effects():
             self.apply_effects()
@@ -92,12 +95,18 @@ class Worker:
             if self.waiting.pop(request_id, None) is not None:
                 self.core.cancel(request_id, rec.name)
             raise
+        except LambdaError as exc:  # rejected while it waited: a full queue's deadline is a throttle
+            if exc.status == 429:
+                self.observer.throttled(rec.name, exc.extra.get("Reason", ""))
+            raise
+        self.observer.invoked(rec.name, inv, outcome)
         return inv, outcome
 
     def _dispatch(self, inv: Invocation, sb: Sandbox) -> None:
         proc = self.procs[sb.id]
         spec = proc.spec
         inv.deadline_ms = int(time.time() * 1000 + spec.timeout_s * 1000)
+        inv.proc = proc
         proc.deliver(inv)
         self._timers[inv] = self.loop.call_later(spec.timeout_s, self._on_timeout, proc, inv)
         if inv.cold:
@@ -110,6 +119,10 @@ class Worker:
         if inv.future.done() or proc.current is not inv:
             return
         sb = proc.sandbox
+        log.info(
+            "invocation timed out",
+            extra={"request_id": inv.request_id, "function": sb.function.name, "sandbox": sb.id},
+        )
         self.core.discard(sb, self.loop.time())
         proc.finish(
             inv,
@@ -239,8 +252,14 @@ class Worker:
                 ),
             )
         self.core.sandbox_exited(sb, now)
+        self.observer.sandbox_exited(sb.function.name, proc)
         inv = proc.current
         if inv is not None and not inv.future.done():
+            if not proc.stopping:
+                log.warning(
+                    "sandbox exited during an invocation",
+                    extra={"request_id": inv.request_id, "function": sb.function.name, "status": status},
+                )
             timer = self._timers.pop(inv, None)
             if timer is not None:
                 timer.cancel()

@@ -19,13 +19,19 @@ Rules (asserted here, and checked after every step by tests/test_core_model.py):
       first. Only when none is idle does a sandbox start, and at most `max_starting` start at once
       per function. A sandbox of an older generation (code or configuration) is never handed out.
   R6  Every queue is bounded: at most `max_waiting` waiters per function, each with a deadline.
+  R7  A pre-warm (asked for by a policy that `prewarms`, in `tick`) starts a sandbox only for a live
+      function with nothing idle, starting or in flight; it then idles like any other sandbox.
+  R8  With a policy `memory_budget_mb`, starting a sandbox first evicts idle sandboxes, lowest policy
+      priority first, while the memory of sandboxes not told to stop exceeds the budget. Busy and
+      starting sandboxes are never evicted, so the budget is soft: invokes are never refused for it.
 
-Cost: acquire and release are O(1): a dict pop/put and counter updates; idle expiry is indexed by
-whole seconds, so `tick` touches only what expires.
+Cost: acquire and release are O(1): a dict pop/put and counter updates (plus a heap push under a
+memory budget); idle expiry is indexed by whole seconds, so `tick` touches only what expires.
 """
 
 from __future__ import annotations
 
+import heapq
 import math
 from collections import OrderedDict
 from collections.abc import Iterator
@@ -62,9 +68,9 @@ class Function:
         "generation",
         "idle",
         "inflight",
+        "members",
         "memory_mb",
         "name",
-        "members",
         "reserved",
         "starting",
         "waiting",
@@ -90,12 +96,15 @@ class Function:
 class Sandbox:
     """One execution environment: one process, one function generation, one invocation at a time."""
 
-    __slots__ = ("expires", "function", "generation", "id", "request", "started_at", "state", "used_at")
+    __slots__ = (
+        "expires", "function", "generation", "id", "memory_mb", "request", "started_at", "state", "used_at",
+    )
 
     def __init__(self, sid: int, function: Function, now: float) -> None:
         self.id = sid
         self.function = function
         self.generation = function.generation
+        self.memory_mb = function.memory_mb  # fixed at start: what this process holds (R8)
         self.state = State.STARTING
         self.request: str | None = None
         self.started_at = now
@@ -143,7 +152,7 @@ class Start(NamedTuple):
 
 class Stop(NamedTuple):
     sandbox: Sandbox
-    reason: str  # "expired" | "retired" | "discarded" | "init-failed" | "deleted"
+    reason: str  # "expired" | "evicted" | "retired" | "discarded" | "init-failed" | "deleted"
 
 
 class Dispatch(NamedTuple):
@@ -178,6 +187,10 @@ class Assigner:
         self.max_wait_s = max_wait_s
         self.keep_alive: KeepAlivePolicy = keep_alive or FixedKeepAlive(600.0)
         self._observe = self.keep_alive.observes_arrivals
+        self._prewarms: bool = getattr(self.keep_alive, "prewarms", False)
+        self._budget_mb: float | None = getattr(self.keep_alive, "memory_budget_mb", None)
+        self.memory_mb = 0  # memory of sandboxes not yet told to stop (R8)
+        self._victims: list[tuple[float, int, Sandbox, float]] = []  # (priority, id, sandbox, idle since)
         self.functions: dict[str, Function] = {}
         self.sandboxes: dict[int, Sandbox] = {}
         self.reserved_total = 0
@@ -349,6 +362,8 @@ class Assigner:
         state = sb.state
         sb.state = State.STOPPING
         lost = None
+        if state is not State.STOPPING:
+            self.memory_mb -= sb.memory_mb
         if state is State.STARTING:  # died before it was ready: an init failure
             self._start_failed(fn, now, None)
         elif state is State.IDLE:
@@ -376,6 +391,10 @@ class Assigner:
                     del sb.function.idle[sb.id]
                     self._stop(sb, "expired")
         self._swept_to = max(self._swept_to, second)
+        if self._prewarms:
+            for fn in self.keep_alive.due_prewarms(now):  # R7
+                if not (fn.deleted or fn.idle or fn.starting or fn.inflight):
+                    self._start(fn, now)
         for fn in list(self._queued):
             waiting = fn.waiting
             while waiting:
@@ -429,11 +448,27 @@ class Assigner:
         self.sandboxes[sb.id] = sb
         fn.members[sb.id] = sb
         fn.starting += 1
+        self.memory_mb += sb.memory_mb
+        if self._budget_mb is not None and self.memory_mb > self._budget_mb:
+            self._make_room()
         self._effects.append(Start(sb))
 
     def _stop(self, sb: Sandbox, reason: str) -> None:
         sb.state = State.STOPPING
+        self.memory_mb -= sb.memory_mb
         self._effects.append(Stop(sb, reason))
+
+    def _make_room(self) -> None:
+        """Evict idle sandboxes, lowest priority first, until the budget holds or none is left (R8)."""
+        victims, budget = self._victims, self._budget_mb
+        assert budget is not None
+        while self.memory_mb > budget and victims:
+            priority, _, sb, since = heapq.heappop(victims)
+            if sb.state is State.IDLE and sb.used_at == since:  # else a stale entry: it was reused
+                del sb.function.idle[sb.id]
+                del self._expiry[sb.expires][sb.id]
+                self._stop(sb, "evicted")
+                self.keep_alive.on_evict(sb.function, priority)
 
     def _finish(self, fn: Function) -> None:
         fn.inflight -= 1
@@ -462,6 +497,12 @@ class Assigner:
             self._expiry[second] = {sb.id: sb}
         else:
             bucket[sb.id] = sb
+        if self._budget_mb is not None:
+            victims = self._victims
+            heapq.heappush(victims, (self.keep_alive.priority(fn, now), sb.id, sb, now))
+            if len(victims) > 2 * len(self.sandboxes) + 64:  # drop stale entries; amortised O(1)
+                self._victims = [v for v in victims if v[2].state is State.IDLE and v[2].used_at == v[3]]
+                heapq.heapify(self._victims)
 
     def _refill(self, fn: Function, now: float) -> None:
         """After a sandbox was lost, make sure waiters still have a sandbox coming (liveness)."""
