@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
-# Debian packages ember's tests and benchmarks use: curl (a bootstrap runtime in the tests),
+# Debian packages ember's tests and benchmarks use: bubblewrap (sandbox isolation), curl (a bootstrap runtime in the tests),
 # spin (the protocol model), wrk (the load generator of `make bench`), chromium and its driver (the
 # dashboard's browser test).
 # Installs what is missing when run as root; otherwise says what to install.
 set -euo pipefail
 need=()
 command -v curl >/dev/null 2>&1 || need+=(curl)
+command -v bwrap >/dev/null 2>&1 || need+=(bubblewrap)
 command -v spin >/dev/null 2>&1 || need+=(spin)
 command -v wrk  >/dev/null 2>&1 || need+=(wrk)
 command -v gcc  >/dev/null 2>&1 || need+=(gcc)

@@ -174,6 +174,28 @@ class CoreMachine(RuleBasedStateMachine):
 
     @precondition(lambda self: bool(self.running))
     @rule(data=st.data())
+    def invocation_answers(self, data: st.DataObject) -> None:
+        """The server's path: the result is back; the sandbox is reusable once its runtime asks."""
+        rid = data.draw(st.sampled_from(sorted(self.running)))
+        sb = self.running.pop(rid)
+        self._outcome(rid, "result")
+        self.core.finish(sb, self.now)
+        assert sb.state in (State.RESETTING, State.STOPPING)
+        self._effects()
+
+    @precondition(lambda self: any(sb.state is State.RESETTING for sb in self.procs.values()))
+    @rule(data=st.data(), hang=st.booleans())
+    def runtime_asks_for_more(self, data: st.DataObject, hang: bool) -> None:
+        """The runtime calls /next again, or hangs until the timeout discards its sandbox."""
+        sb = data.draw(st.sampled_from([s for s in self.procs.values() if s.state is State.RESETTING]))
+        if hang:
+            self.core.discard(sb, self.now)
+        else:
+            self.core.sandbox_ready(sb, self.now)
+        self._effects()
+
+    @precondition(lambda self: bool(self.running))
+    @rule(data=st.data())
     def invocation_times_out(self, data: st.DataObject) -> None:
         rid = data.draw(st.sampled_from(sorted(self.running)))
         sb = self.running.pop(rid)
@@ -265,6 +287,8 @@ class CoreMachine(RuleBasedStateMachine):
             assert {sb.id for sb in members} == set(fn.members)
             busy = [sb for sb in members if sb.state is State.BUSY]
             starting = [sb for sb in members if sb.state is State.STARTING]
+            resetting = [sb for sb in members if sb.state is State.RESETTING]
+            assert fn.resetting == len(resetting)
             idle = [sb for sb in members if sb.state is State.IDLE]
             assert fn.inflight == len(fn.waiting) + len(busy)
             assert fn.starting == len(starting) <= MAX_STARTING
@@ -276,11 +300,11 @@ class CoreMachine(RuleBasedStateMachine):
             else:
                 unreserved += fn.inflight
             if fn.waiting and not fn.deleted:
-                assert fn.starting + len(busy) > 0, "waiters with nothing coming to serve them"
+                assert fn.starting + len(busy) + len(resetting) > 0, "waiters with nothing coming to serve them"
         assert unreserved == core.unreserved_inflight
         assert core.unreserved_inflight <= core.account_limit - core.reserved_total, "account limit exceeded"
         for sb in core.sandboxes.values():
-            assert sb.state in (State.STARTING, State.IDLE, State.BUSY, State.STOPPING)
+            assert sb.state in (State.STARTING, State.IDLE, State.BUSY, State.RESETTING, State.STOPPING)
             assert (sb.state is State.BUSY) == (sb.request is not None)
         sandboxes = [id(sb) for sb in self.running.values()]
         assert len(sandboxes) == len(set(sandboxes)), "one sandbox runs two invocations"
@@ -293,7 +317,7 @@ class CoreMachine(RuleBasedStateMachine):
             return
         for _ in range(200):
             progressed = False
-            for sb in [s for s in self.procs.values() if s.state is State.STARTING]:
+            for sb in [s for s in self.procs.values() if s.state in (State.STARTING, State.RESETTING)]:
                 self.core.sandbox_ready(sb, self.now)
                 self._effects()
                 progressed = True

@@ -43,7 +43,9 @@ def test_definitions_and_code_survive_a_restart(tmp_path: Path) -> None:
 
 
 def test_sigterm_drains_in_flight_invokes_and_leaves_no_process(tmp_path: Path) -> None:
-    srv = EmberServer(tmp_path / "data").start()
+    # host pids are what this checks, and a sandbox's pid namespace hides them; the isolated
+    # twin is test_isolation.py::test_nothing_left_after_shutdown (by uid)
+    srv = EmberServer(tmp_path / "data", "--isolation", "none").start()
     lam = srv.client()
     src = """
     import os, time
@@ -72,7 +74,9 @@ def test_sigterm_drains_in_flight_invokes_and_leaves_no_process(tmp_path: Path) 
 
 
 def test_sigint_also_stops_cleanly_and_kills_runtime_children(tmp_path: Path) -> None:
-    srv = EmberServer(tmp_path / "data").start()
+    # host pids are what this checks, and a sandbox's pid namespace hides them; the isolated
+    # twin is test_isolation.py::test_nothing_left_after_shutdown (by uid)
+    srv = EmberServer(tmp_path / "data", "--isolation", "none").start()
     lam = srv.client()
     src = """
     import os, subprocess

@@ -244,7 +244,10 @@ class AsyncInvoker:
     async def _tick_loop(self) -> None:
         while True:
             await asyncio.sleep(0.05 if self.core.delay_scale < 1 else 0.25)
-            self.core.tick(time.time())
+            now = time.time()
+            self.core.tick(now)
+            for ev, decision in self.core.expire_paused(now, lambda name: self.policy_for(name)[0].max_age_s):
+                self.loop.create_task(self._settle(ev, decision, None, None))
             self._wake.set()
 
     async def _dispatch_loop(self) -> None:

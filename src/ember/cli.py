@@ -38,6 +38,13 @@ def serve(
     insecure: Annotated[
         bool, typer.Option("--insecure", help="Allow a non-loopback --host without --auth.")
     ] = False,
+    isolation: str = typer.Option(
+        "auto", "--isolation", help="Sandbox isolation: auto (bwrap when it works), bwrap, or none (warned)."
+    ),
+    pool: int = typer.Option(2, "--pool", min=0, help="Pre-started python runtimes kept ready (0: none)."),
+    ephemeral_storage: int = typer.Option(
+        512, "--ephemeral-storage", min=1, help="Size of each sandbox's /tmp, in MB."
+    ),
 ) -> None:
     """Serve the Lambda API and run functions."""
     from ember.core.keepalive import policy_from_name
@@ -75,6 +82,9 @@ def serve(
             async_delay_scale=async_delay_scale,
             credentials=credentials,
             insecure=insecure,
+            isolation=isolation,
+            pool=pool,
+            ephemeral_storage_mb=ephemeral_storage,
         )
     )
 

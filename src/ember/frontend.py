@@ -323,6 +323,8 @@ class Frontend:
         }
         if self.asyncq is not None:
             body["async"] = self.asyncq.summary()
+        if self.worker.isolation is not None:
+            body["isolation"] = self.worker.isolation.health()  # mode; a loud WARNING when not isolated
         return web.Response(body=orjson.dumps(body), content_type="application/json")
 
 

@@ -470,7 +470,7 @@ class PrometheusCollector:
             queued.add_metric(label, len(fn.waiting))
             if fn.reserved is not None:
                 reserved.add_metric(label, fn.reserved)
-            by_state = dict.fromkeys(("starting", "idle", "busy", "stopping"), 0)
+            by_state = dict.fromkeys(("starting", "idle", "busy", "resetting", "stopping"), 0)
             for sb in fn.members.values():
                 by_state[sb.state.name.lower()] += 1
             for state, n in by_state.items():

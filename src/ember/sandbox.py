@@ -109,10 +109,15 @@ async def read_bounded(request: web.BaseRequest, limit: int) -> bytes | None:
     if preloaded is not None:
         return preloaded if len(preloaded) <= limit else None
     length = request.content_length
-    if length is not None and length > limit:
-        while await request.content.readany():
-            pass
-        return None
+    if length is not None:
+        if length > limit:
+            while await request.content.readany():
+                pass
+            return None
+        try:  # the common case: one read of a declared length
+            return await request.content.readexactly(length)
+        except asyncio.IncompleteReadError as exc:  # the peer went away mid-body
+            return exc.partial
     chunks: list[bytes] = []
     size = 0
     while True:
@@ -131,10 +136,12 @@ async def read_bounded(request: web.BaseRequest, limit: int) -> bytes | None:
 class SandboxProcess:
     """The process, its Runtime API endpoint and its output pipe."""
 
-    def __init__(self, sandbox: Sandbox, spec: LaunchSpec, events: SandboxEvents) -> None:
+    def __init__(self, sandbox: Sandbox, spec: LaunchSpec, events: SandboxEvents, isolation: Any = None) -> None:
         self.sandbox = sandbox
         self.spec = spec
         self.events = events
+        self.isolation = isolation  # ember.isolation.Isolation: spawns it sandboxed (None: a plain process)
+        self.jail: Any = None  # ember.isolation.Jail: its uid, cgroup; set by the isolation
         self.loop = asyncio.get_running_loop()
         self.port = 0
         self.pid = 0
@@ -145,6 +152,8 @@ class SandboxProcess:
         self.init_duration_ms = 0.0
         self.invocations = 0
         self.current: Invocation | None = None  # assigned, until its outcome
+        self.resetting = False  # answered its invocation; the next /next makes it ready again
+        self.timer: asyncio.TimerHandle | None = None  # the running invocation's timeout
         self._pending: Invocation | None = None  # assigned, not yet fetched by the runtime
         self._parked: asyncio.Future[Invocation] | None = None  # a /next waiting for work
         self._server: asyncio.AbstractServer | None = None
@@ -157,6 +166,9 @@ class SandboxProcess:
 
     async def launch(self) -> None:
         """Open the endpoint, then spawn the runtime pointed at it. Failures are init failures."""
+        if self.isolation is not None:
+            await self.isolation.launch(self)
+            return
         self._web = web.Server(self._handle, access_log=None)
         self._server = await self.loop.create_server(self._web, "127.0.0.1", 0)
         self.port = self._server.sockets[0].getsockname()[1]
@@ -198,6 +210,8 @@ class SandboxProcess:
     async def _watch(self) -> None:
         assert self._proc is not None
         returncode = await self._proc.wait()
+        if self.jail is not None:
+            returncode = await self.jail.exited(returncode)  # kills what is left, notes an OOM kill
         self._drain_output()
         self._close_output()
         if self._parked is not None and not self._parked.done():
@@ -212,6 +226,8 @@ class SandboxProcess:
         if self._proc is not None and self._proc.returncode is None:
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(self.pid, signal.SIGKILL)
+        if self.jail is not None:
+            self.jail.kill()  # its cgroup: also what left the session
 
     async def _close_endpoint(self) -> None:
         if self._server is not None:
@@ -229,6 +245,8 @@ class SandboxProcess:
 
     def max_memory_mb(self) -> int:
         """Peak resident memory of the runtime process (VmHWM), for REPORT lines."""
+        if self.jail is not None and self.jail.cgroup is not None:
+            return self.jail.max_memory_mb()  # the sandbox's cgroup peak: self.pid is bwrap's
         try:
             with open(f"/proc/{self.pid}/status", "rb") as f:
                 for line in f:
@@ -326,6 +344,9 @@ class SandboxProcess:
             self.ready = True
             self.init_duration_ms = (time.perf_counter() - self.spawned_at) * 1000.0
             self.events.sandbox_ready(self)  # may deliver an invocation right away
+        elif self.resetting:
+            self.resetting = False
+            self.events.sandbox_ready(self)  # back to idle, or straight to a waiting invocation
         elif self.current is not None and self._pending is None and not self.current.future.done():
             # Asking for more work without answering the current invocation: Lambda treats the
             # runtime as broken. Fail the invocation; the runtime is told so and usually exits.

@@ -25,6 +25,7 @@ from ember.control import ControlPlane, Settings
 from ember.core.assignment import Assigner
 from ember.core.keepalive import policy_from_name
 from ember.frontend import Frontend
+from ember.isolation import Isolation, IsolationConfig
 from ember.ops import Operations
 from ember.reqctx import RequestIdFilter
 from ember.store import Store
@@ -48,6 +49,9 @@ class ServeOptions:
     async_delay_scale: float = 1.0
     credentials: dict[str, str] | None = None  # ACCESS_KEY_ID -> secret (ember.auth); None: auth off
     insecure: bool = False  # allow a non-loopback address without credentials
+    isolation: str = "auto"  # auto | bwrap | none (ember.isolation)
+    pool: int = 2  # pre-started python runtimes (ember.pool); 0: none
+    ephemeral_storage_mb: int = 512  # each sandbox's /tmp
 
 
 class JsonFormatter(logging.Formatter):
@@ -102,7 +106,16 @@ async def serve(opts: ServeOptions, stop: asyncio.Event | None = None) -> None:
     )
     settings = Settings(region=opts.region, endpoint=f"http://{opts.host}:{opts.port}")
     control = ControlPlane(store, core, settings)
-    worker = Worker(core, control.launch_spec)
+    try:
+        isolation = Isolation(
+            IsolationConfig(mode=opts.isolation, pool=opts.pool, ephemeral_mb=opts.ephemeral_storage_mb),
+            opts.data_dir,
+        )
+    except (ValueError, RuntimeError) as exc:
+        store.close()
+        raise SystemExit(f"ember: {exc}") from None
+    await isolation.start()
+    worker = Worker(core, control.launch_spec, isolation)
     worker.start()
     asyncq = AsyncInvoker(
         opts.data_dir,
@@ -130,6 +143,7 @@ async def serve(opts: ServeOptions, stop: asyncio.Event | None = None) -> None:
         await runner.cleanup()
         await asyncq.stop()
         await worker.stop()
+        await isolation.close()
         await ops.stop()
         store.close()
         raise SystemExit(f"ember: cannot listen on {opts.host}:{opts.port}: {exc.strerror}") from None
@@ -148,6 +162,7 @@ async def serve(opts: ServeOptions, stop: asyncio.Event | None = None) -> None:
         await asyncq.stop(drain_s=min(opts.drain_s, 5.0))  # running events finish or stay queued
         await worker.drain(1.0)
         await worker.stop()
+        await isolation.close()  # the pool, then ember's cgroups
         await ops.stop()  # writes the function logs still buffered
         store.close()
         for sig in (signal.SIGTERM, signal.SIGINT):

@@ -16,6 +16,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable
+from typing import Any
 
 from ember.core.assignment import (
     WAIT,
@@ -42,13 +43,15 @@ TICK_S = 0.5
 class Worker:
     """Hosts this node's sandboxes and runs invocations on them, as the core decides."""
 
-    def __init__(self, core: Assigner, launch_spec: Callable[[str, int], LaunchSpec | None]) -> None:
+    def __init__(
+        self, core: Assigner, launch_spec: Callable[[str, int], LaunchSpec | None], isolation: Any = None
+    ) -> None:
         self.core = core
+        self.isolation = isolation  # ember.isolation.Isolation, or None: plain processes
         self.launch_spec = launch_spec  # (function, sandbox id) -> how to start it, per current config
         self.loop = asyncio.get_running_loop()
         self.procs: dict[int, SandboxProcess] = {}
         self.waiting: dict[str, Invocation] = {}  # queued in the core, keyed by request id
-        self._timers: dict[Invocation, asyncio.TimerHandle] = {}
         self._tick_task: asyncio.Task[None] | None = None
         self.cold_starts = 0
         self.warm_starts = 0
@@ -108,17 +111,26 @@ class Worker:
         inv.deadline_ms = int(time.time() * 1000 + spec.timeout_s * 1000)
         inv.proc = proc
         proc.deliver(inv)
-        self._timers[inv] = self.loop.call_later(spec.timeout_s, self._on_timeout, proc, inv)
+        # The timeout covers the invocation and the runtime's turn back to /next (as in Lambda, work
+        # after the response counts); it is cancelled when the runtime asks for more work.
+        proc.timer = self.loop.call_later(spec.timeout_s, self._on_timeout, proc, inv)
         if inv.cold:
             self.cold_starts += 1
         else:
             self.warm_starts += 1
 
     def _on_timeout(self, proc: SandboxProcess, inv: Invocation) -> None:
-        self._timers.pop(inv, None)
-        if inv.future.done() or proc.current is not inv:
-            return
+        proc.timer = None
         sb = proc.sandbox
+        if inv.future.done() or proc.current is not inv:
+            if sb.state is State.RESETTING and proc.resetting:  # answered, but never asked for more
+                log.warning(
+                    "runtime did not ask for the next invocation within the timeout; sandbox discarded",
+                    extra={"request_id": inv.request_id, "function": sb.function.name, "sandbox": sb.id},
+                )
+                self.core.discard(sb, self.loop.time())
+                self.apply_effects()
+            return
         log.info(
             "invocation timed out",
             extra={"request_id": inv.request_id, "function": sb.function.name, "sandbox": sb.id},
@@ -179,7 +191,7 @@ class Worker:
             self.core.sandbox_failed(sb, self.loop.time(), None)
             self.core.sandbox_exited(sb, self.loop.time())
             return
-        proc = SandboxProcess(sb, spec, self)
+        proc = SandboxProcess(sb, spec, self, self.isolation)
         self.procs[sb.id] = proc
         self.loop.create_task(self._launch_proc(proc))
 
@@ -215,8 +227,13 @@ class Worker:
     # ------------------------------------------------------------------ SandboxEvents
 
     def sandbox_ready(self, proc: SandboxProcess) -> None:
+        timer = proc.timer
+        if timer is not None:
+            proc.timer = None
+            timer.cancel()
         self.core.sandbox_ready(proc.sandbox, self.loop.time())
-        self.apply_effects()
+        if self.core.has_effects():
+            self.apply_effects()
 
     def sandbox_init_failed(self, proc: SandboxProcess, error: Outcome) -> None:
         self.core.sandbox_failed(proc.sandbox, self.loop.time(), error)
@@ -226,13 +243,11 @@ class Worker:
     def sandbox_result(self, proc: SandboxProcess, inv: Invocation, outcome: Outcome) -> None:
         if not proc.finish(inv, outcome):
             return
-        timer = self._timers.pop(inv, None)
-        if timer is not None:
-            timer.cancel()
         if outcome.error_type == "Runtime.InvalidStateTransition":
             self.core.discard(proc.sandbox, self.loop.time())
         else:
-            self.core.release(proc.sandbox, self.loop.time())
+            self.core.finish(proc.sandbox, self.loop.time())  # ready again when the runtime asks
+            proc.resetting = True
         if self.core.has_effects():
             self.apply_effects()
 
@@ -241,16 +256,22 @@ class Worker:
         now = self.loop.time()
         self.procs.pop(sb.id, None)
         status = f"signal: {_signame(-returncode)}" if returncode < 0 else f"exit status {returncode}"
+        exit_type = "Runtime.ExitError"
+        if proc.jail is not None and proc.jail.oom:  # its cgroup's OOM killer acted: Lambda's shape
+            exit_type, status = "Runtime.OutOfMemory", "signal: killed"
         if sb.state is State.STARTING:
             self.core.sandbox_failed(
                 sb,
                 now,
                 Outcome.runtime_error(
                     Outcome.EXIT,
-                    "Runtime.ExitError",
+                    exit_type,
                     f"RequestId: {{request_id}} Error: Runtime exited with error: {status}",
                 ),
             )
+        if proc.timer is not None:
+            proc.timer.cancel()
+            proc.timer = None
         self.core.sandbox_exited(sb, now)
         self.observer.sandbox_exited(sb.function.name, proc)
         inv = proc.current
@@ -260,14 +281,11 @@ class Worker:
                     "sandbox exited during an invocation",
                     extra={"request_id": inv.request_id, "function": sb.function.name, "status": status},
                 )
-            timer = self._timers.pop(inv, None)
-            if timer is not None:
-                timer.cancel()
             proc.finish(
                 inv,
                 Outcome.runtime_error(
                     Outcome.EXIT,
-                    "Runtime.ExitError",
+                    exit_type,
                     f"RequestId: {inv.request_id} Error: Runtime exited with error: {status}",
                 ),
             )

@@ -13,8 +13,10 @@ Rules (asserted here, and checked after every step by tests/test_core_model.py):
       (account limit minus all reservations).
   R3  Every accepted request ends exactly once: handed to a sandbox and later released, discarded
       (timeout) or lost with its sandbox; or rejected while it waited (queue deadline, init failure, deletion).
-  R4  Every sandbox is in exactly one state, STARTING, IDLE, BUSY or STOPPING, until the shell
-      reports its process gone (`sandbox_exited`); then it is forgotten.
+  R4  Every sandbox is in exactly one state, STARTING, IDLE, BUSY, RESETTING or STOPPING, until the
+      shell reports its process gone (`sandbox_exited`); then it is forgotten. RESETTING is the time
+      between an invocation's end (`finish`: its concurrency is free) and the runtime asking for the
+      next one (`sandbox_ready`): the sandbox is not handed out before it can take work at once.
   R5  An invocation takes an idle sandbox of the function's current generation, most recently used
       first. Only when none is idle does a sandbox start, and at most `max_starting` start at once
       per function. A sandbox of an older generation (code or configuration) is never handed out.
@@ -58,6 +60,7 @@ class State(IntEnum):
     IDLE = 2
     BUSY = 3
     STOPPING = 4
+    RESETTING = 5  # its invocation ended; the runtime has not asked for the next one yet
 
 
 class Function:
@@ -72,6 +75,7 @@ class Function:
         "memory_mb",
         "name",
         "reserved",
+        "resetting",
         "starting",
         "waiting",
     )
@@ -83,6 +87,7 @@ class Function:
         self.memory_mb = memory_mb
         self.inflight = 0  # accepted and unfinished: waiting + running (R2)
         self.starting = 0  # sandboxes in STARTING of the current generation
+        self.resetting = 0  # sandboxes in RESETTING: about to be idle, not yet ready
         self.idle: dict[int, Sandbox] = {}  # insertion order = least to most recently used
         self.waiting: OrderedDict[str, float] = OrderedDict()  # request id -> deadline, FIFO
         self.members: dict[int, Sandbox] = {}  # every sandbox of this function not yet exited
@@ -292,7 +297,7 @@ class Assigner:
             fn.waiting[request_id] = now + self.max_wait_s
             self._queued.add(fn)
             sb = None
-            if fn.starting < self.max_starting and fn.starting < len(fn.waiting):
+            if fn.starting < self.max_starting and fn.starting + fn.resetting < len(fn.waiting):
                 self._start(fn, now)
         fn.inflight += 1
         if reserved is None:
@@ -312,6 +317,21 @@ class Assigner:
         else:
             self._serve_or_idle(sb, now)
 
+    def finish(self, sb: Sandbox, now: float) -> None:
+        """The invocation on `sb` ended (its result is back): its concurrency is free, but the
+        sandbox takes new work only once its runtime asks for it (`sandbox_ready`)."""
+        assert sb.state is State.BUSY and sb.request is not None, sb
+        fn = sb.function
+        self._finish(fn)
+        sb.request = None
+        sb.used_at = now
+        if sb.generation != fn.generation or fn.deleted:
+            self._stop(sb, "retired")
+            self._refill(fn, now)
+        else:
+            sb.state = State.RESETTING
+            fn.resetting += 1
+
     def cancel(self, request_id: str, name: str) -> bool:
         """A waiting request gave up (its caller went away). True when it was still waiting."""
         fn = self.functions.get(name)
@@ -323,11 +343,14 @@ class Assigner:
     # ----------------------------------------------------------------- sandbox lifecycle
 
     def sandbox_ready(self, sb: Sandbox, now: float) -> None:
-        """A sandbox finished its init and asks for work."""
-        if sb.state is not State.STARTING:  # already told to stop (retired, shutdown)
-            return
+        """A sandbox asks for work: its init is done (STARTING), or its last invocation is (RESETTING)."""
         fn = sb.function
-        fn.starting -= 1
+        if sb.state is State.STARTING:
+            fn.starting -= 1
+        elif sb.state is State.RESETTING:
+            fn.resetting -= 1
+        else:  # already told to stop (retired, deleted, shutdown)
+            return
         sb.used_at = now
         if sb.generation != fn.generation or fn.deleted:
             self._stop(sb, "retired")
@@ -343,12 +366,15 @@ class Assigner:
             self._start_failed(sb.function, now, error)
 
     def discard(self, sb: Sandbox, now: float) -> None:
-        """The invocation on `sb` ended and the sandbox must not be reused (it timed out, or its
-        runtime broke the protocol): the sandbox is destroyed."""
-        assert sb.state is State.BUSY, sb
+        """The sandbox must not be reused: its invocation timed out, its runtime broke the protocol,
+        or it did not ask for more work within the timeout after answering. It is destroyed."""
         fn = sb.function
-        self._finish(fn)
-        sb.request = None
+        if sb.state is State.BUSY:
+            self._finish(fn)
+            sb.request = None
+        else:
+            assert sb.state is State.RESETTING, sb
+            fn.resetting -= 1
         self._stop(sb, "discarded")
         self._refill(fn, now)
 
@@ -366,6 +392,9 @@ class Assigner:
             self.memory_mb -= sb.memory_mb
         if state is State.STARTING:  # died before it was ready: an init failure
             self._start_failed(fn, now, None)
+        elif state is State.RESETTING:
+            fn.resetting -= 1
+            self._refill(fn, now)
         elif state is State.IDLE:
             del fn.idle[sb.id]
             del self._expiry[sb.expires][sb.id]
@@ -393,7 +422,7 @@ class Assigner:
         self._swept_to = max(self._swept_to, second)
         if self._prewarms:
             for fn in self.keep_alive.due_prewarms(now):  # R7
-                if not (fn.deleted or fn.idle or fn.starting or fn.inflight):
+                if not (fn.deleted or fn.idle or fn.starting or fn.inflight or fn.resetting):
                     self._start(fn, now)
         for fn in list(self._queued):
             waiting = fn.waiting
@@ -508,8 +537,8 @@ class Assigner:
         """After a sandbox was lost, make sure waiters still have a sandbox coming (liveness)."""
         if fn.deleted:
             return
-        n = min(self.max_starting, len(fn.waiting))
-        while fn.starting < n:
+        waiting = len(fn.waiting)
+        while fn.starting < self.max_starting and fn.starting + fn.resetting < waiting:
             self._start(fn, now)
 
     def _start_failed(self, fn: Function, now: float, error: object) -> None:
@@ -535,5 +564,8 @@ class Assigner:
                 self._stop(sb, reason)
             elif sb.state is State.STARTING:
                 fn.starting -= 1
+                self._stop(sb, reason)
+            elif sb.state is State.RESETTING:
+                fn.resetting -= 1
                 self._stop(sb, reason)
         self._refill(fn, now)

@@ -10,7 +10,7 @@ Rules (checked by tests/test_eventqueue.py):
       function's backlog never delays another function's fresh events by more than one turn.
   Q3  At most `max_inflight` events are in flight in all, and at most `cap(function)` per function
       (its reserved concurrency, when it has one), so the dispatcher does not throttle itself. A
-      reservation of 0 caps nothing: its events run into the throttle, back off, and expire (Q4).
+      function reserved at 0 is paused: its events wait, and expire at their maximum age (Q4).
   Q4  A function error is retried `MaximumRetryAttempts` times (default 2) after 1 min, then 2 min;
       a throttle or an ember-side error puts the event back with backoff from 1 s doubling to 5 min;
       either way an event older than `MaximumEventAgeInSeconds` (default 6 h) is not run again.
@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import heapq
 from collections import OrderedDict, deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from enum import Enum
 
@@ -151,7 +152,7 @@ class EventQueue:
             if not q.ready:
                 continue
             cap = self.caps.get(function)
-            if cap and q.inflight >= cap:  # 0 reserves nothing: runs are throttled and back off
+            if cap is not None and q.inflight >= cap:
                 continue  # not its turn until something of it finishes (finished() re-queues it)
             ev = q.ready.popleft()
             if q.ready:
@@ -202,6 +203,19 @@ class EventQueue:
         if q.ready:
             self._turns[ev.function] = None
         return self._done(ev, "EventAgeExceeded")
+
+    def expire_paused(self, now: float, max_age_s: Callable[[str], float]) -> list[tuple[Event, Decision]]:
+        """Events of paused functions (cap 0) that reached their maximum age, taken out (Q4)."""
+        out: list[tuple[Event, Decision]] = []
+        for function, cap in self.caps.items():
+            q = self.queues.get(function)
+            if cap != 0 or q is None or not q.ready:
+                continue
+            limit = max_age_s(function) * self.delay_scale
+            while q.ready and now - q.ready[0].enqueued_at > limit:
+                ev = q.ready.popleft()
+                out.append((ev, self._done(ev, "EventAgeExceeded")))
+        return out
 
     # ------------------------------------------------------------------ views
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 import heapq
 import math
 from collections import deque
+from itertools import accumulate
 from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:
@@ -101,7 +102,8 @@ class FixedKeepAlive(_Policy):
 
 class _Prewarmer:
     """A heap of pending pre-warms. An entry is live only while its function's token is unchanged, so
-    an arrival cancels whatever is pending in O(1) by bumping the token. A due entry sets the
+    an arrival cancels whatever is pending in O(1) by bumping the token (only if something was
+    scheduled under it: `pending`). A due entry sets the
     function's warm window (`until`) and, for a plan of several windows, schedules the next one."""
 
     def __init__(self, lead_s: float) -> None:
@@ -112,6 +114,7 @@ class _Prewarmer:
     def schedule(self, start: float, until: float, fn: Function, st: _FnState, step: int = -1) -> None:
         """Warm `fn` over [start, until); `step` indexes `st.plan` to continue from (-1: no plan)."""
         self._seq += 1
+        st.pending = True
         heapq.heappush(self._heap, (start - self.lead_s, self._seq, fn, st.token, until, step))
 
     def due(self, now: float, states: dict[str, _FnState]) -> list[Function]:
@@ -124,7 +127,8 @@ class _Prewarmer:
             st.until = max(st.until, until)
             if 0 <= step < len(st.plan) - 1:
                 start, end = st.plan[step + 1]
-                self.schedule(start, end, fn, st, step + 1)
+                base = st.base
+                self.schedule(base + start, base + end, fn, st, step + 1)
             if until > now:
                 out.append(fn)
         return out
@@ -134,50 +138,65 @@ class _FnState:
     """Per-function learning state of the histogram policies."""
 
     __slots__ = (
-        "active", "ar", "bins", "computed_at", "dirty", "in_range", "it_sum", "last_end", "oob", "plan",
-        "sq", "token", "top", "until", "wakes", "windows",
+        "active", "ar", "base", "bins", "computed_at", "dirty", "first", "folded", "fresh", "in_range", "it_sum",
+        "last_end", "oob", "pending", "plan", "prewarm_step", "seen", "sq", "token", "top", "until", "wakes", "windows",
     )
 
     def __init__(self, n_bins: int) -> None:
         self.bins = [0] * n_bins
         self.in_range = 0  # observations inside the histogram range
         self.oob = 0  # observations beyond it
+        self.seen = 0  # observations: in_range + oob (+ ITs in bin 0 not yet `folded` into them)
+        self.folded = 0  # observations counted in bins, in_range and oob (EmberKeepAlive defers bin 0's)
         self.top = -1  # highest bin with an observation
-        self.sq = 0  # sum of squared bin counts (for the CV, O(1) per update)
+        self.sq = 0  # sum of squared bin counts (for the hybrid's CV, O(1) per update)
         self.last_end: float | None = None  # when the last invocation ended
         self.active = False  # an invoke arrived since the function last went idle
         self.token = 0  # bumped to cancel pending pre-warms
+        self.pending = False  # pre-warms were scheduled under the current token
         self.until = 0.0  # end of the current warm window (what a pre-warmed sandbox is kept to)
-        self.plan: tuple[tuple[float, float], ...] = ()  # absolute warm windows after the last idle
-        self.dirty = True  # histogram changed since `windows` was computed
-        self.computed_at = -1  # observations when `windows` was computed
+        self.plan: tuple[tuple[float, float], ...] = ()  # warm windows after the last idle, offsets from
+        self.base = 0.0  # ... this time (when the function last went idle)
+        self.dirty = True  # observations since `windows` was last brought up to date
+        self.fresh = False  # `windows` are exact, and an IT in bin 0 leaves them so (EmberKeepAlive)
+        self.computed_at = -1  # observations when `windows` was last brought up to date
         self.windows: tuple[tuple[float, float], ...] = ()  # warm windows, offsets from going idle
-        self.ar: list[float] = [0.0] * 6  # AR(1) sums over ITs: n, Σx, Σy, Σxy, Σx², last
+        self.first = 0.0  # how long the sandbox that turns idle stays warm: windows[0] if it starts at 0
+        self.prewarm_step = -1  # index in `windows` of the first pre-warm, -1 if none
+        self.ar: list[float] = [0.0] * 6  # hybrid's AR(1) sums over ITs: n, Σx, Σy, Σxy, Σx², last
         self.wakes = 0  # arrivals after at least a bin of idleness (or the first)
         self.it_sum = 0.0  # sum of observed idle times (their mean sets the function's pace)
 
-    def observe(self, it_s: float, bin_s: float) -> None:
+    def observe(self, it_s: float, bin_s: float) -> int:
+        """Count one idle time; returns its bin (>= len(bins): out of range)."""
         i = int(it_s // bin_s)
-        if i < len(self.bins):
-            c = self.bins[i]
-            self.bins[i] = c + 1
-            self.sq += 2 * c + 1
+        bins = self.bins
+        if i < len(bins):
+            bins[i] += 1
             self.in_range += 1
             if i > self.top:
                 self.top = i
         else:
             self.oob += 1
-        self.dirty = True
+        self.seen += 1
+        self.folded += 1
         self.it_sum += it_s
-        ar = self.ar
-        if self.in_range + self.oob > 1:  # a (previous IT, this IT) pair for the AR(1) fit
-            x = ar[5]
-            ar[0] += 1
-            ar[1] += x
-            ar[2] += it_s
-            ar[3] += x * it_s
-            ar[4] += x * x
-        ar[5] = it_s
+        self.dirty = True
+        return i
+
+    def fold(self) -> None:
+        """Count the deferred ITs of bin 0 (`seen` - `folded`) in the histogram."""
+        pending = self.seen - self.folded
+        if pending:
+            self.bins[0] += pending
+            self.in_range += pending
+            self.folded = self.seen
+
+    def set_windows(self, wins: tuple[tuple[float, float], ...]) -> None:
+        self.windows = wins
+        self.first = wins[0][1] if wins and wins[0][0] <= 0 else 0.0
+        step = 1 if self.first > 0 else 0
+        self.prewarm_step = step if step < len(wins) else -1
 
 
 def _percentile_bin(bins: list[int], total: int, p: float) -> int:
@@ -198,6 +217,11 @@ class _HistogramPolicy(_Policy):
     [(start, end), ...] during which it should be warm. A window starting at 0 keeps the sandbox that
     just turned idle; later windows are pre-warms, started one after the other. Any arrival cancels
     the rest of the plan. A sandbox released while others still run gets the first window only.
+
+    Windows are brought up to date when the histogram grew by 1/32 (at least one observation): a
+    smaller change barely moves a window, and this keeps the release path amortised O(1) for busy
+    functions. A policy may also prove that an observation leaves its windows exactly as they are
+    (`fresh` stays True); then bringing them up to date costs nothing.
     """
 
     observes_arrivals = True
@@ -215,45 +239,67 @@ class _HistogramPolicy(_Policy):
             st = self.state[fn.name] = _FnState(self.n_bins)
         return st
 
+    def _observe(self, st: _FnState, it_s: float) -> None:
+        st.observe(it_s, self.bin_s)
+        st.fresh = False
+
+    def _refresh(self, st: _FnState) -> None:
+        """Recompute `st.windows` from the histogram."""
+        st.set_windows(self.windows(st))
+
     def on_arrival(self, fn: Function, now: float) -> None:
         st = self._st(fn)
         if st.last_end is not None:
-            st.observe(max(0.0, now - st.last_end) if fn.inflight == 0 else 0.0, self.bin_s)
+            self._observe(st, max(0.0, now - st.last_end) if fn.inflight == 0 else 0.0)
         st.active = True
-        st.token += 1
+        if st.pending:  # cancel the rest of the plan
+            st.token += 1
+            st.pending = False
 
     def windows(self, st: _FnState) -> tuple[tuple[float, float], ...]:  # pragma: no cover - abstract
         raise NotImplementedError
 
     def _windows(self, st: _FnState) -> tuple[tuple[float, float], ...]:
-        """Recomputed when the histogram grew by 1/32 (at least one observation): a smaller change
-        barely moves a window, and this keeps the release path amortised O(1) for busy functions."""
+        """`st.windows`, brought up to date if the histogram grew by 1/32 (at least one observation)."""
         if st.dirty:
-            seen = st.in_range + st.oob
-            if seen - st.computed_at >= max(1, seen >> 5):
-                st.windows = self.windows(st)
+            seen = st.seen
+            if seen - st.computed_at >= (seen >> 5 or 1):
+                if not st.fresh:
+                    self._refresh(st)
                 st.computed_at = seen
                 st.dirty = False
         return st.windows
 
     def idle_until(self, fn: Function, now: float) -> float:
-        st = self._st(fn)
-        if not st.active and fn.inflight == 0:  # a pre-warmed sandbox became ready
-            return max(st.until, now)
+        st = self.state.get(fn.name)
+        if st is None:
+            st = self._st(fn)
+        inflight = fn.inflight
+        if not (st.active or inflight):  # a pre-warmed sandbox became ready
+            until = st.until
+            return until if until >= now else now
         st.last_end = now
-        wins = self._windows(st)
-        first = wins[0][1] if wins and wins[0][0] <= 0 else 0.0
-        if fn.inflight:
-            return now + first
+        if st.dirty:  # self._windows(st), inlined
+            seen = st.seen
+            if seen - st.computed_at >= (seen >> 5 or 1):
+                if not st.fresh:
+                    self._refresh(st)
+                st.computed_at = seen
+                st.dirty = False
+        if inflight:  # others still run: this sandbox gets the first window only
+            return now + st.first
         st.active = False
-        st.token += 1
-        st.plan = tuple((now + a, now + b) for a, b in wins)
-        st.until = now + first
-        step = 1 if first > 0 else 0
-        if step < len(wins):
-            start, end = st.plan[step]
-            self._prewarm.schedule(start, end, fn, st, step)
-        return st.until
+        if st.pending:
+            st.token += 1
+            st.pending = False
+        wins = st.plan = st.windows
+        st.base = now
+        until = st.until = now + st.first
+        step = st.prewarm_step
+        if step >= 0:
+            start, end = wins[step]
+            self._prewarm.schedule(now + start, now + end, fn, st, step)
+        return until
 
     def due_prewarms(self, now: float) -> list[Function]:
         return self._prewarm.due(now, self.state)
@@ -289,6 +335,20 @@ class HybridHistogramKeepAlive(_HistogramPolicy):
         self.head, self.tail, self.margin = head, tail, margin
         self.cv_threshold, self.oob_threshold = cv_threshold, oob_threshold
         self.forecast_margin = forecast_margin
+
+    def _observe(self, st: _FnState, it_s: float) -> None:
+        i = st.observe(it_s, self.bin_s)
+        if i < self.n_bins:
+            st.sq += 2 * st.bins[i] - 1  # (c + 1)² - c²
+        ar = st.ar
+        if st.seen > 1:  # a (previous IT, this IT) pair for the AR(1) fit
+            x = ar[5]
+            ar[0] += 1
+            ar[1] += x
+            ar[2] += it_s
+            ar[3] += x * it_s
+            ar[4] += x * x
+        ar[5] = it_s
 
     def cv(self, st: _FnState) -> float:
         n, total = self.n_bins, st.in_range
@@ -332,7 +392,7 @@ class GreedyDualKeepAlive(_Policy):
     observes_arrivals = True
 
     def __init__(self, memory_budget_mb: float, init_cost_s: float = 1.0) -> None:
-        assert memory_budget_mb > 0 and init_cost_s > 0
+        assert memory_budget_mb > 0 and init_cost_s >= 0  # replay allows --init-s 0
         self.memory_budget_mb = memory_budget_mb
         self.init_cost_s = init_cost_s
         self.name = f"greedy-dual-{memory_budget_mb / 1024:g}g"
@@ -398,32 +458,40 @@ class EmberKeepAlive(_HistogramPolicy):
         self.co: dict[str, dict[str, int]] = {}  # function -> partner -> co-wakes
         self._recent: deque[tuple[float, str]] = deque(maxlen=recent_max)
         self._fns: dict[str, Function] = {}
+        # Smoothing window [lo, hi) of each bin: ±max(1 bin, spread of the offset).
+        n = self.n_bins
+        radius = [max(1, int(spread * i)) for i in range(n)]
+        self._lo = [max(0, i - r) for i, r in enumerate(radius)]
+        self._hi = [min(n, i + r + 1) for i, r in enumerate(radius)]
+        self._width = [hi - lo for lo, hi in zip(self._lo, self._hi, strict=True)]
+        # Windows keeping at least this much warm from 0 are unchanged by an IT in bin 0 (`on_arrival`).
+        self._two_bins = 2 * bin_s if spread < 1 and hazard <= 0.5 and n >= 3 else math.inf
 
     def windows(self, st: _FnState) -> tuple[tuple[float, float], ...]:
-        seen = st.in_range + st.oob
+        st.fold()
+        seen = st.seen
         if seen < self.min_obs:
             return ((0.0, self.fallback_s),)
         wins: list[tuple[float, float]] = []
         bins, n, top, spread = st.bins, len(st.bins), st.top, self.spread
         if top < 0:  # every idle time was out of range: nothing worth keeping warm
             return ()
-        prefix = [0] * (top + 2)
-        for i in range(top + 1):
-            prefix[i + 1] = prefix[i] + bins[i]
+        prefix = [0, *accumulate(bins[: top + 1])]
         # Past bin `end` the smoothing window lies wholly above `top`: no mass, nothing warm.
         end = min(n, int((top + 1) / (1 - spread)) + 2) if spread < 1 else n
         left = seen + self.prior  # arrivals not yet come, at the start of bin i (plus the prior)
         bin_s, start = self.bin_s, -1
         need = self.hazard * min(1.0, bin_s * seen / max(st.it_sum, 1e-9))  # paced by the mean IT
         cap = top + 1
+        los, his, widths = self._lo, self._hi, self._width
         for i in range(end):
-            r = max(1, int(spread * i))
-            lo, hi = max(0, i - r), min(n, i + r + 1)
-            mass = (prefix[min(hi, cap)] - prefix[min(lo, cap)]) / (hi - lo)
+            lo, hi = los[i], his[i]
+            mass = (prefix[hi if hi < cap else cap] - prefix[lo if lo < cap else cap]) / widths[i]
             warm = mass > 0 and mass >= need * left
-            if warm and start < 0:
-                start = i
-            elif not warm and start >= 0:
+            if warm:
+                if start < 0:
+                    start = i
+            elif start >= 0:
                 wins.append((start * bin_s, i * bin_s))
                 start = -1
             if i <= top:
@@ -432,10 +500,59 @@ class EmberKeepAlive(_HistogramPolicy):
             wins.append((start * bin_s, end * bin_s))
         return tuple(wins)
 
+    def _refresh(self, st: _FnState) -> None:
+        st.set_windows(self.windows(st))
+        st.fresh = st.seen >= self.min_obs and st.first >= self._two_bins  # see on_arrival
+
     def on_arrival(self, fn: Function, now: float) -> None:
-        st = self._st(fn)
-        woke = st.last_end is None or (fn.inflight == 0 and now - st.last_end >= self.bin_s)
-        super().on_arrival(fn, now)
+        st = self.state.get(fn.name)
+        if st is None:
+            st = self._st(fn)
+        last = st.last_end
+        if last is None:
+            woke = True
+        else:
+            bin_s = self.bin_s
+            if fn.inflight:
+                it, woke = 0.0, False
+            else:
+                it = now - last
+                woke = it >= bin_s
+                if it < 0.0:
+                    it = 0.0
+            seen = st.seen
+            it_sum = st.it_sum + it
+            if it < bin_s and st.fresh and it_sum <= bin_s * seen:
+                # The windows are exact for the histogram so far, they are hazard windows (computed
+                # with seen >= min_obs) and keep bins 0 and 1 warm (`_refresh`). An IT in bin 0
+                # raises bin 0's smoothed count by 1/2 and the arrivals to come there by 1 (a net gain,
+                # as need <= hazard <= 1/2), raises bin 1's count by 1/3, and enters no other bin's
+                # smoothing window nor its arrivals to come (spread < 1). With the mean IT at most a
+                # bin before and after, `need` stays at `hazard`: no bin can turn cold, so the windows
+                # stay exactly as they are. The IT is counted in bin 0 later (`fold`): here it only
+                # counts in `seen`, which keeps this path to one counter.
+                pass
+            else:  # st.observe(it, bin_s), inlined: this runs on every invoke
+                st.fresh = False
+                st.fold()
+                st.folded = seen + 1
+                i = int(it // bin_s)
+                bins = st.bins
+                if i < len(bins):
+                    bins[i] += 1
+                    st.in_range += 1
+                    if i > st.top:
+                        st.top = i
+                else:
+                    st.oob += 1
+            st.seen = seen + 1
+            if it:
+                st.it_sum = it_sum
+            st.dirty = True
+        st.active = True
+        if st.pending:  # cancel the rest of the plan
+            st.token += 1
+            st.pending = False
         if woke:
             self._wake(fn, st, now)
 

@@ -1,0 +1,646 @@
+"""Sandbox isolation: each sandbox runs as its own unprivileged uid, in its own mount, pid, ipc, uts,
+user and network namespaces (bubblewrap), inside its own cgroup (ember.cgroups).
+
+What a sandbox sees: its code read-only at /var/task, the runtime (the interpreter, its stdlib and
+site-packages; /usr, /bin, /lib*, a few files of /etc) read-only, a private /tmp (tmpfs, capped at
+`ephemeral_mb`), its own /proc, a minimal read-only /dev, and nothing else: not the data dir, not
+other functions' code, not ember's files. Nothing outside /tmp is writable.
+
+Network (docs/decisions/0006): every sandbox has a network namespace of its own with only a
+loopback. ember creates the sandbox's Runtime API listener *inside* that namespace (setns on the
+event loop thread, for the few microseconds a socket() and bind() take), at 127.0.0.1:9001 as in
+Lambda. So a sandbox reaches its own Runtime API and nothing else: not ember's API port, not another
+sandbox's Runtime API, not the host's services. The price: no outbound network from functions.
+
+Modes, chosen at startup (`--isolation auto|bwrap|none`): `bwrap` when /usr/bin/bwrap works, else
+`none`: a plain process with rlimits, its own uid when ember runs as root, a cgroup when there is one,
+and a loud warning at startup and in /health.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ctypes
+import errno
+import fcntl
+import functools
+import logging
+import os
+import resource
+import shutil
+import signal
+import socket
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import orjson
+
+from ember.cgroups import Cgroup, Cgroups
+
+if TYPE_CHECKING:
+    from ember.pool import Pool
+    from ember.sandbox import SandboxProcess
+
+log = logging.getLogger("ember.isolation")
+
+TASK_ROOT = "/var/task"
+RUNTIME_API_PORT = 9001  # inside the sandbox's own network namespace, as in Lambda
+UID_BASE = 200_000
+UID_BLOCK = 4096  # uids per ember instance; instance k owns [UID_BASE + k*UID_BLOCK, +UID_BLOCK)
+UID_BLOCKS = 1024
+ETC_FILES = (
+    "ld.so.cache", "ld.so.conf", "ld.so.conf.d", "alternatives", "localtime", "hosts", "nsswitch.conf",
+    "passwd", "group", "ssl", "ca-certificates", "mime.types", "protocols", "services", "os-release",
+)  # fmt: skip
+_CLONE_NEWNET = 0x40000000
+_PR_SET_PDEATHSIG = 1
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+@dataclass(slots=True)
+class IsolationConfig:
+    mode: str = "auto"  # auto | bwrap | none
+    pool: int = 2  # pre-started python runtimes kept ready (0: none)
+    ephemeral_mb: int = 512  # the size of each sandbox's /tmp (Lambda's default ephemeral storage)
+    pids_max: int = 1024  # processes and threads per sandbox (Lambda's limit)
+    nofile: int = 1024  # open files per process (Lambda's limit)
+
+
+class UidRange:
+    """Unprivileged uids, one per live sandbox. Each ember instance locks a block of its own (flock on
+    a file per block), so two embers on one host never hand out the same uid."""
+
+    def __init__(self) -> None:
+        self.base = -1
+        self._lock_fd = -1
+        self._free: list[int] = []
+        self._next = 0
+        lock_dir = Path("/run/ember") if os.access("/run", os.W_OK) else Path("/tmp/ember-uids")
+        lock_dir.mkdir(parents=True, exist_ok=True)
+        for k in range(UID_BLOCKS):
+            fd = os.open(lock_dir / f"uids-{k}.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                continue
+            self.base, self._lock_fd = UID_BASE + k * UID_BLOCK, fd
+            return
+        raise RuntimeError("no free uid block for sandboxes")
+
+    def take(self) -> int:
+        if self._free:
+            return self._free.pop()
+        if self._next >= UID_BLOCK:
+            raise RuntimeError("all sandbox uids are in use")
+        self._next += 1
+        return self.base + self._next - 1
+
+    def give_back(self, uid: int) -> None:
+        self._free.append(uid)
+
+    def close(self) -> None:
+        if self._lock_fd >= 0:
+            os.close(self._lock_fd)
+            self._lock_fd = -1
+
+
+def _setns(fd: int) -> None:
+    if _libc.setns(fd, _CLONE_NEWNET) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+
+
+def listen_in_netns(pid: int, port: int = RUNTIME_API_PORT) -> socket.socket:
+    """A listening TCP socket at 127.0.0.1:`port` in the network namespace of `pid`. Synchronous on
+    purpose: the thread is back in ember's namespace before anything else runs on it."""
+    own = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+    target = os.open(f"/proc/{pid}/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        _setns(target)
+        try:
+            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind(("127.0.0.1", port))
+            sock.listen(128)
+            sock.setblocking(False)
+        finally:
+            _setns(own)  # cannot fail for ember's own namespace; if it did, raising is right
+    finally:
+        os.close(own)
+        os.close(target)
+    return sock
+
+
+_CLONE_NEWUSER = 0x10000000
+_AUDIT_ARCH_X86_64 = 0xC000003E
+_SYS_UNSHARE, _SYS_CLONE, _SYS_CLONE3 = 272, 56, 435
+# Refused outright (x86_64 numbers): kernel interfaces a function has no use for and that widen what a
+# sandbox can poke at: keyctl, add_key, request_key, bpf, perf_event_open, userfaultfd,
+# open_by_handle_at, kexec_load, kexec_file_load, init_module, finit_module, delete_module, setns.
+_DENIED = (250, 248, 249, 321, 298, 323, 304, 246, 320, 175, 313, 176, 308)
+
+
+def seccomp_program() -> bytes:
+    """A classic-BPF seccomp filter for bwrap's --seccomp: no new user namespaces (a sandbox uid
+    could otherwise get capabilities over namespaces of its own), clone3 answers ENOSYS (its flags
+    cannot be inspected; libc falls back to clone), and `_DENIED` answers EPERM. Other
+    architectures than x86_64 pass unfiltered (the syscall numbers differ)."""
+    import struct
+
+    ld, jeq, jset, ret = 0x20, 0x15, 0x45, 0x06
+    allow, eperm, enosys = 0x7FFF0000, 0x00050000 | errno.EPERM, 0x00050000 | errno.ENOSYS
+    checks = [_SYS_UNSHARE, _SYS_CLONE, _SYS_CLONE3, *_DENIED]
+    n = len(checks)
+    # 0 ld arch | 1 jeq x86_64 else A | 2 ld nr | 3.. jeq nr | A ret allow | F ld args[0] low word
+    # | F+1 jset CLONE_NEWUSER ? B : A2 | B ret EPERM | C ret ENOSYS | A2 ret allow (jumps go forward only)
+    a_at = 3 + n
+    f_at = a_at + 1
+    b_at, c_at = f_at + 2, f_at + 3
+    prog = [(ld, 0, 0, 4), (jeq, 0, a_at - 2, _AUDIT_ARCH_X86_64), (ld, 0, 0, 0)]
+    for i, nr in enumerate(checks):
+        at = 3 + i
+        target = f_at if nr in (_SYS_UNSHARE, _SYS_CLONE) else c_at if nr == _SYS_CLONE3 else b_at
+        prog.append((jeq, target - at - 1, 0, nr))
+    prog += [(ret, 0, 0, allow), (ld, 0, 0, 16), (jset, 0, 2, _CLONE_NEWUSER)]
+    prog += [(ret, 0, 0, eperm), (ret, 0, 0, enosys), (ret, 0, 0, allow)]
+    return b"".join(struct.pack("=HBBI", *ins) for ins in prog)
+
+
+def _seccomp_fd(program: bytes) -> int:
+    """A fresh fd holding the filter (bwrap reads it to the end, so one per sandbox)."""
+    fd = os.memfd_create("ember-seccomp", os.MFD_CLOEXEC)
+    os.write(fd, program)
+    os.lseek(fd, 0, os.SEEK_SET)
+    return fd
+
+
+def _enter(
+    uid: int, cgroup_fds: list[int], pids_max: int, nofile: int, drop: bool, address_mb: int = 0
+) -> None:
+    """In the forked child, before exec: join the cgroup, cap open files and processes, become the
+    sandbox's uid (no groups), and die with ember (set after the uid change, which clears it).
+    `address_mb`: without a cgroup, an address-space cap is the only memory limit there is."""
+    for fd in cgroup_fds:
+        os.write(fd, b"0")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (nofile, nofile))
+    resource.setrlimit(resource.RLIMIT_NPROC, (pids_max, pids_max))  # per uid; root ignores it
+    if address_mb:
+        cap = (address_mb + 512) * 1024 * 1024  # slack: thread stacks and mappings are not memory
+        resource.setrlimit(resource.RLIMIT_AS, (cap, cap))
+    if drop:
+        os.setgroups([])
+        os.setresgid(uid, uid, uid)
+        os.setresuid(uid, uid, uid)
+    _libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
+class Jail:
+    """What one isolated sandbox holds on the host: a uid, a cgroup, maybe a directory; released
+    exactly once, when the sandbox's process has exited."""
+
+    def __init__(self, iso: Isolation, uid: int, cgroup: Cgroup | None, child_pid: int = 0) -> None:
+        self.iso = iso
+        self.uid = uid
+        self.cgroup = cgroup
+        self.child_pid = child_pid  # pid 1 of the sandbox's pid namespace (bwrap's child)
+        self.task_dir: Path | None = None  # a pooled sandbox's /var/task on the host
+        self.oom = False
+        self._released = False
+
+    def kill(self) -> None:
+        if self.cgroup is not None:
+            self.cgroup.kill()
+
+    def max_memory_mb(self) -> int:
+        return self.cgroup.peak_mb() if self.cgroup is not None else 0
+
+    async def exited(self, returncode: int) -> int:
+        """The sandbox's main process is gone: kill what is left, note an OOM kill, release.
+        Returns the status to report: bwrap exits 128+N when the runtime died of signal N."""
+        if self.iso.mode == "bwrap" and returncode > 128 and returncode - 128 in (6, 9, 11, 15):
+            returncode = -(returncode - 128)
+        await self.release()
+        return returncode
+
+    async def release(self) -> None:
+        if self._released:
+            return
+        self._released = True
+        if self.cgroup is not None:
+            self.oom = self.cgroup.oom_killed()
+            for _ in range(1000):  # a fork bomb's last processes take a moment to exit
+                if self.cgroup.remove(timeout_s=0):
+                    break
+                await asyncio.sleep(0.005)
+            else:
+                log.error("sandbox cgroup still busy", extra={"cgroup": str(self.cgroup.dirs)})
+        if self.task_dir is not None:
+            shutil.rmtree(self.task_dir, ignore_errors=True)
+        if self.uid >= 0 and self.iso.uids is not None:
+            self.iso.uids.give_back(self.uid)
+
+
+class Isolation:
+    """Starts sandboxes isolated, per the mode chosen at startup; owns the uid range, the cgroups
+    and the pool of pre-started runtimes."""
+
+    def __init__(self, cfg: IsolationConfig, data_dir: Path) -> None:
+        self.cfg = cfg
+        self.data_dir = data_dir.resolve()
+        self.bwrap = shutil.which("bwrap") or ""
+        self.root = os.geteuid() == 0
+        self.mode = self._choose(cfg.mode)
+        self.cgroups: Cgroups | None = None
+        self.uids: UidRange | None = None
+        self.pool: Pool | None = None
+        self._static_args: list[str] = []
+        self._seccomp = seccomp_program() if os.uname().machine == "x86_64" else b""
+        self.warning = ""
+
+    def _choose(self, wanted: str) -> str:
+        if wanted not in ("auto", "bwrap", "none"):
+            raise ValueError(f"unknown isolation mode {wanted!r} (auto, bwrap or none)")
+        if wanted == "none":
+            return "none"
+        usable = bool(self.bwrap) and self.root and _bwrap_works(self.bwrap)
+        if wanted == "bwrap" and not usable:
+            raise RuntimeError("--isolation bwrap: bubblewrap is missing or unusable (or ember is not root)")
+        return "bwrap" if usable else "none"
+
+    # ------------------------------------------------------------------ lifecycle
+
+    async def start(self) -> None:
+        if self.root:
+            self.cgroups = Cgroups.detect()
+            if self.cgroups is not None:
+                try:
+                    self.cgroups.setup()
+                except OSError as exc:
+                    log.warning("cgroups unusable", extra={"error": str(exc)})
+                    self.cgroups = None
+            self.uids = UidRange()
+        if self.mode == "bwrap":
+            self._prepare_bwrap()
+        if self.mode == "none" or self.cgroups is None:
+            self.warning = (
+                "WARNING: sandboxes are NOT isolated from each other or from ember"
+                if self.mode == "none"
+                else "WARNING: no usable cgroups: memory and pids limits are not enforced"
+            )
+            log.warning(self.warning, extra={"isolation": self.describe()})
+            print(f"ember: {self.warning} (isolation: {self.describe()})", file=sys.stderr, flush=True)
+        if self.mode == "bwrap" and self.cfg.pool > 0:
+            from ember.pool import Pool
+
+            self.pool = Pool(self, self.cfg.pool)
+            self.pool.start()
+
+    async def close(self) -> None:
+        if self.pool is not None:
+            await self.pool.close()
+        if self.cgroups is not None:
+            self.cgroups.close()
+        if self.uids is not None:
+            self.uids.close()
+
+    def describe(self) -> str:
+        """For /health: e.g. `bwrap+cgroup-v1`, or `none (WARNING ...)`."""
+        name = self.mode + (f"+{self.cgroups.name}" if self.cgroups is not None else "")
+        return f"{name} ({self.warning})" if self.warning else name
+
+    def health(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"mode": self.describe(), "ephemeral_mb": self.cfg.ephemeral_mb}
+        if self.pool is not None:
+            out["pool"] = self.pool.stats()
+        return out
+
+    # ------------------------------------------------------------------ bwrap
+
+    def _prepare_bwrap(self) -> None:
+        """The part of every sandbox's view that is the same for all: system dirs, a few files of
+        /etc, the interpreter (its prefix and the venv, wherever they are)."""
+        self.setpriv = shutil.which("setpriv") or "/usr/bin/setpriv"
+        args: list[str] = []
+        for top in ("/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32"):
+            if os.path.islink(top):
+                args += ["--symlink", os.readlink(top), top]
+            elif os.path.isdir(top):
+                args += ["--ro-bind", top, top]
+        for name in ETC_FILES:
+            args += ["--ro-bind-try", f"/etc/{name}", f"/etc/{name}"]
+        runtime_dirs = {os.path.realpath(sys.base_prefix), os.path.realpath(sys.prefix)}
+        for d in sorted(runtime_dirs):
+            if d == "/usr" or d.startswith("/usr/"):
+                continue
+            args += ["--ro-bind", d, d]
+        if os.path.realpath(sys.prefix) != sys.prefix:  # keep the venv's own path valid too
+            args += ["--symlink", os.path.realpath(sys.prefix), sys.prefix]
+        # bwrap makes missing parents of mount points 0700 (root's): let the sandbox's uid pass through
+        parents = {TASK_ROOT, "/etc", *runtime_dirs}
+        ancestors = {str(a) for d in parents for a in Path(d).parents if str(a) != "/"}
+        ancestors |= {"/etc"}
+        dirs: list[str] = []
+        for d in sorted(ancestors, key=lambda p: (p.count("/"), p)):
+            dirs += ["--perms", "0755", "--dir", d]
+        self._static_args = dirs + args
+
+    def bwrap_argv(
+        self, uid: int, task_dir: str, info_fd: int, block_fd: int | None, seccomp_fd: int = -1
+    ) -> list[str]:
+        """bwrap runs as root (so it can bind what only root can reach, and the sandbox's uid is a
+        real host uid rather than a user-namespace mapping of root); it keeps only CAP_SETUID and
+        CAP_SETGID, which setpriv uses to become `uid` and which that change of uid drops. bwrap sets
+        no_new_privs: nothing inside can gain privileges again (setuid files are inert)."""
+        argv = [
+            self.bwrap,
+            "--unshare-pid", "--unshare-ipc", "--unshare-uts", "--unshare-net", "--unshare-cgroup-try",
+            "--die-with-parent", "--hostname", "sandbox", "--cap-add", "CAP_SETUID", "--cap-add", "CAP_SETGID",
+            *self._static_args,
+            "--proc", "/proc",
+            "--dev", "/dev",
+            "--size", str(self.cfg.ephemeral_mb * 1024 * 1024), "--perms", "1777", "--tmpfs", "/tmp",
+            "--ro-bind", task_dir, TASK_ROOT,
+            "--remount-ro", "/dev",
+            "--remount-ro", "/",
+            "--chdir", TASK_ROOT,
+            "--info-fd", str(info_fd),
+        ]  # fmt: skip
+        if block_fd is not None:
+            argv += ["--block-fd", str(block_fd)]
+        if seccomp_fd >= 0:
+            argv += ["--seccomp", str(seccomp_fd)]
+        drop = [self.setpriv, f"--reuid={uid}", f"--regid={uid}", "--clear-groups", "--inh-caps=-all"]
+        return [*argv, "--", *drop, "--"]
+
+    async def spawn(
+        self,
+        argv: list[str],
+        env: dict[str, str],
+        task_dir: str,
+        memory_mb: int,
+        out_fd: int,
+        stdin: int | None = None,
+        extra_fds: tuple[int, ...] = (),
+        block: bool = True,
+    ) -> tuple[asyncio.subprocess.Process, Jail, int]:
+        """Start `argv` in a new sandbox; returns the process, its jail, and (when `block`) the fd to
+        write to let the runtime run (after its Runtime API listener exists), else -1."""
+        assert self.uids is not None
+        uid = self.uids.take()
+        cgroup = self.cgroups.create() if self.cgroups is not None else None
+        jail = Jail(self, uid, cgroup)
+        fds: list[int] = []
+        block_w = -1
+        try:
+            if cgroup is not None:
+                cgroup.limit(memory_mb, self.cfg.pids_max)
+                fds += cgroup.open_procs()
+            info_r, info_w = os.pipe2(os.O_CLOEXEC)
+            fds += [info_r, info_w]
+            seccomp_fd = _seccomp_fd(self._seccomp) if self._seccomp else -1
+            if seccomp_fd >= 0:
+                fds.append(seccomp_fd)
+            block_r = -1
+            if block:
+                block_r, block_w = os.pipe2(os.O_CLOEXEC)
+                fds.append(block_r)
+            process = await asyncio.create_subprocess_exec(
+                *self.bwrap_argv(uid, task_dir, info_w, block_r if block else None, seccomp_fd),
+                *argv,
+                cwd="/",
+                env=env,
+                stdin=stdin if stdin is not None else asyncio.subprocess.DEVNULL,
+                stdout=out_fd,
+                stderr=out_fd,
+                start_new_session=True,
+                pass_fds=tuple(fd for fd in (info_w, block_r, seccomp_fd, *extra_fds) if fd >= 0),
+                preexec_fn=functools.partial(
+                    _enter, uid, fds[: len(cgroup.dirs)] if cgroup else [], self.cfg.pids_max, self.cfg.nofile, False
+                ),
+            )
+            for fd in fds:
+                if fd != info_r:
+                    os.close(fd)
+            fds = [info_r]
+            info = await _read_json(info_r)
+            jail.child_pid = int(info.get("child-pid", 0))
+            if not jail.child_pid:
+                with contextlib.suppress(ProcessLookupError):
+                    process.kill()
+                await process.wait()
+                raise OSError(errno.ENOEXEC, "the sandbox failed to start")
+            return process, jail, block_w
+        except BaseException:
+            if block_w >= 0:
+                os.close(block_w)
+            await jail.release()
+            raise
+        finally:
+            for fd in fds:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+
+    async def spawn_plain(
+        self, argv: list[str], env: dict[str, str], cwd: str, memory_mb: int, out_fd: int
+    ) -> tuple[asyncio.subprocess.Process, Jail]:
+        """No namespaces: a plain process with rlimits (and a cgroup where ember can), as ember's uid:
+        without a mount namespace another uid could not even read the code."""
+        cgroup = self.cgroups.create() if self.cgroups is not None else None
+        jail = Jail(self, -1, cgroup)
+        fds: list[int] = []
+        try:
+            if cgroup is not None:
+                cgroup.limit(memory_mb, self.cfg.pids_max)
+                fds = cgroup.open_procs()
+            process = await asyncio.create_subprocess_exec(
+                *argv,
+                cwd=cwd,
+                env=env,
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=out_fd,
+                stderr=out_fd,
+                start_new_session=True,
+                preexec_fn=functools.partial(
+                    _enter, -1, fds, self.cfg.pids_max, self.cfg.nofile, False, 0 if cgroup else memory_mb
+                ),
+            )
+            return process, jail
+        except BaseException:
+            await jail.release()
+            raise
+        finally:
+            for fd in fds:
+                os.close(fd)
+
+    # ------------------------------------------------------------------ SandboxProcess
+
+    async def launch(self, proc: SandboxProcess) -> None:
+        """SandboxProcess.launch when isolation is on: a pooled runtime when one fits, else a new
+        sandbox. Failures to start are init failures, as for an unisolated sandbox."""
+        from aiohttp import web
+
+        spec = proc.spec
+        proc._web = web.Server(proc._handle, access_log=None)
+        argv, env = _inside(spec.argv, spec.env, spec.cwd)
+        env["AWS_LAMBDA_RUNTIME_API"] = f"127.0.0.1:{RUNTIME_API_PORT}"
+        proc.spawned_at = time.perf_counter()
+        try:
+            if self.mode == "none":
+                await self._launch_plain(proc)
+                return
+            _open_to_sandboxes(spec.cwd)
+            handler = _python_handler(spec.argv)
+            poolable = handler is not None and not any(k.startswith("PYTHON") and k != "PYTHONPATH" for k in env)
+            pooled = self.pool.take() if self.pool is not None and poolable else None
+            if pooled is not None:
+                assert handler is not None
+                await pooled.specialise(proc, spec.cwd, handler, env)
+                return
+            _check_entrypoint(spec.argv[0], spec.cwd)
+            read_fd, write_fd = os.pipe()
+            os.set_blocking(read_fd, False)
+            proc._out_fd = read_fd
+            try:
+                process, jail, release = await self.spawn(argv, env, spec.cwd, spec.memory_mb, write_fd)
+            finally:
+                os.close(write_fd)
+            proc.jail = jail
+            proc._proc = process
+            proc.pid = process.pid
+            try:
+                sock = listen_in_netns(jail.child_pid)
+                proc._server = await proc.loop.create_server(proc._web, sock=sock)
+                proc.port = RUNTIME_API_PORT
+                os.write(release, b"go")
+            finally:
+                os.close(release)
+            proc.loop.add_reader(read_fd, proc._on_output)
+            proc.loop.create_task(proc._watch())
+        except OSError as exc:
+            await _spawn_failed(proc, exc)
+
+    async def _launch_plain(self, proc: SandboxProcess) -> None:
+        spec = proc.spec
+        proc._server = await proc.loop.create_server(proc._web, "127.0.0.1", 0)
+        proc.port = proc._server.sockets[0].getsockname()[1]
+        env = dict(spec.env)
+        env["AWS_LAMBDA_RUNTIME_API"] = f"127.0.0.1:{proc.port}"
+        read_fd, write_fd = os.pipe()
+        os.set_blocking(read_fd, False)
+        proc._out_fd = read_fd
+        try:
+            process, jail = await self.spawn_plain(spec.argv, env, spec.cwd, spec.memory_mb, write_fd)
+        finally:
+            os.close(write_fd)
+        proc.jail, proc._proc, proc.pid = jail, process, process.pid
+        proc.loop.add_reader(read_fd, proc._on_output)
+        proc.loop.create_task(proc._watch())
+
+
+async def _spawn_failed(proc: SandboxProcess, exc: OSError) -> None:
+    """As SandboxProcess.launch reports a runtime that cannot be started."""
+    from ember.sandbox import Outcome
+
+    proc._close_output()
+    await proc._close_endpoint()
+    if proc.jail is not None:
+        await proc.jail.release()
+    proc.exited.set()
+    error = Outcome.runtime_error(
+        Outcome.FUNCTION_ERROR,
+        "Runtime.InvalidEntrypoint",
+        f"RequestId: {{request_id}} Error: could not start the runtime: {exc.strerror}",
+    )
+    proc.events.sandbox_init_failed(proc, error)
+    proc.events.sandbox_exited(proc, -1)
+
+
+def _inside(argv: list[str], env: dict[str, str], code_dir: str) -> tuple[list[str], dict[str, str]]:
+    """The launch spec as seen from inside the sandbox: the code dir is /var/task."""
+    prefix = code_dir.rstrip("/") + "/"
+
+    def fix(value: str) -> str:
+        if value == code_dir:
+            return TASK_ROOT
+        return TASK_ROOT + "/" + value[len(prefix) :] if value.startswith(prefix) else value
+
+    return [fix(a) for a in argv], {k: fix(v) for k, v in env.items()}
+
+
+def _open_to_sandboxes(code_dir: str) -> None:
+    """The code dir is extracted into a private temporary dir (mode 0700); sandbox uids must be able
+    to enter it. Its parents need not be: it is bind-mounted by fd."""
+    st = os.stat(code_dir)
+    if st.st_mode & 0o005 != 0o005:
+        os.chmod(code_dir, 0o755)
+
+
+def _python_handler(argv: list[str]) -> str | None:
+    """The handler when `argv` is ember's python runtime (`python -m awslambdaric HANDLER`)."""
+    if len(argv) == 4 and argv[0] == sys.executable and argv[1:3] == ["-m", "awslambdaric"]:
+        return argv[3]
+    return None
+
+
+def _check_entrypoint(program: str, code_dir: str) -> None:
+    """bwrap would report a missing `bootstrap` only on the sandbox's output; say it the way an
+    unisolated exec does (Runtime.InvalidEntrypoint)."""
+    if not program.startswith(code_dir.rstrip("/") + "/"):
+        return
+    try:
+        st = os.stat(program)
+    except OSError as exc:
+        raise OSError(exc.errno, exc.strerror) from None
+    if not st.st_mode & 0o111:
+        raise OSError(errno.EACCES, os.strerror(errno.EACCES))
+
+
+async def _read_json(fd: int) -> dict[str, Any]:
+    """Read one JSON object from a pipe (bwrap's --info-fd); {} on EOF before it is complete."""
+    loop = asyncio.get_running_loop()
+    os.set_blocking(fd, False)
+    buf = bytearray()
+    done: asyncio.Future[None] = loop.create_future()
+
+    def on_readable() -> None:
+        try:
+            data = os.read(fd, 4096)
+        except BlockingIOError:
+            return
+        buf.extend(data)
+        if (not data or buf.rstrip().endswith(b"}")) and not done.done():
+            done.set_result(None)
+
+    loop.add_reader(fd, on_readable)
+    try:
+        await asyncio.wait_for(done, 10.0)
+    finally:
+        loop.remove_reader(fd)
+    try:
+        doc = orjson.loads(bytes(buf))
+    except orjson.JSONDecodeError:
+        return {}
+    return doc if isinstance(doc, dict) else {}
+
+
+@functools.cache
+def _bwrap_works(bwrap: str) -> bool:
+    """Check once that bubblewrap can make namespaces here (some container hosts forbid it)."""
+    import subprocess
+
+    try:
+        done = subprocess.run(
+            [bwrap, "--unshare-pid", "--unshare-net", "--ro-bind", "/", "/", "--", "/bin/true"],
+            capture_output=True,
+            timeout=10,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return False
+    if done.returncode != 0:
+        log.warning("bubblewrap does not work here", extra={"stderr": done.stderr.decode(errors="replace")})
+    return done.returncode == 0

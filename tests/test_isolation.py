@@ -1,0 +1,388 @@
+"""Sandbox isolation (ember.isolation, ember.cgroups, ember.pool): each escape is denied and every
+other function keeps working. Runs the real `ember serve --isolation bwrap`; in CI nothing skips."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import re
+import shutil
+import threading
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from conftest import EmberServer, create, pid_alive, wait_for
+
+CAN_ISOLATE = os.geteuid() == 0 and shutil.which("bwrap") is not None
+pytestmark = pytest.mark.skipif(
+    not CAN_ISOLATE and os.environ.get("CI") != "true", reason="needs root and bubblewrap (CI must have both)"
+)
+
+CANARY = """
+import os
+def handler(event, context):
+    open("/tmp/canary", "w").write("ok")
+    return {"ok": True, "uid": os.getuid(), "tmp": sorted(os.listdir("/tmp"))}
+"""
+
+PROBE = """
+import errno, json, os, socket, subprocess, sys
+def try_(fn):
+    try:
+        return {"ok": True, "value": fn()}
+    except Exception as exc:
+        return {"ok": False, "error": type(exc).__name__, "errno": getattr(exc, "errno", None)}
+def handler(event, context):
+    import resource
+    out = {"uid": os.getuid(), "gid": os.getgid(), "groups": os.getgroups()}
+    out["nofile"] = resource.getrlimit(resource.RLIMIT_NOFILE)
+    for path in event.get("write", []):
+        out["write " + path] = try_(lambda p=path: open(p, "w").write("x"))
+    for path in event.get("read", []):
+        out["read " + path] = try_(lambda p=path: open(p, "rb").read(100).decode(errors="replace"))
+    for path in event.get("exists", []):
+        out["exists " + path] = os.path.exists(path)
+    for port in event.get("connect", []):
+        out["connect %d" % port] = try_(lambda p=port: socket.create_connection(("127.0.0.1", p), 1).close())
+    if event.get("proc"):
+        out["pids"] = sorted(int(p) for p in os.listdir("/proc") if p.isdigit())
+    if event.get("listening"):
+        rows = open("/proc/net/tcp").read().splitlines()[1:]
+        out["listening"] = [r.split()[1] for r in rows if r.split()[3] == "0A"]
+    if event.get("userns"):
+        import ctypes
+        libc = ctypes.CDLL(None, use_errno=True)
+        out["userns"] = [libc.unshare(0x10000000), ctypes.get_errno()]  # CLONE_NEWUSER
+    out["task"] = sorted(os.listdir("/var/task"))
+    return out
+"""
+
+
+def payload(resp) -> dict:
+    return json.loads(resp["Payload"].read())
+
+
+def tail(resp) -> str:
+    return base64.b64decode(resp.get("LogResult", "")).decode(errors="replace")
+
+
+@pytest.fixture(scope="module")
+def iso(tmp_path_factory) -> Iterator[EmberServer]:
+    srv = EmberServer(
+        tmp_path_factory.mktemp("iso") / "data", "--isolation", "bwrap", "--ephemeral-storage", "8", "--pool", "1"
+    ).start()
+    lam = srv.client()
+    create(lam, "canary", CANARY)
+    create(lam, "probe", PROBE, Timeout=10)
+    yield srv
+    srv.stop()
+
+
+def canary_works(lam) -> None:
+    """Another function, invoked now, answers normally and sees a /tmp of its own."""
+    resp = lam.invoke(FunctionName="canary")
+    assert "FunctionError" not in resp, tail(resp)
+    body = payload(resp)
+    assert body["ok"] is True and body["tmp"] == ["canary"]
+
+
+def in_background(fn) -> threading.Thread:
+    t = threading.Thread(target=fn)
+    t.start()
+    return t
+
+
+def uids_alive(uid: int) -> list[int]:
+    """Host pids (not zombies) running as `uid`."""
+    out = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            status = Path(f"/proc/{entry}/status").read_text()
+        except OSError:
+            continue
+        m = re.search(r"^Uid:\s+(\d+)", status, re.M)
+        if m and int(m.group(1)) == uid and pid_alive(int(entry)):
+            out.append(int(entry))
+    return out
+
+
+def test_health_reports_isolation(iso: EmberServer) -> None:
+    health = json.loads(urllib.request.urlopen(iso.url + "/health").read())
+    assert re.fullmatch(r"bwrap\+cgroup-v[12]", health["isolation"]["mode"])
+    assert health["isolation"]["ephemeral_mb"] == 8
+
+
+def test_own_unprivileged_uid_per_sandbox(iso: EmberServer) -> None:
+    lam = iso.client()
+    a, b = payload(lam.invoke(FunctionName="probe")), payload(lam.invoke(FunctionName="canary"))
+    assert a["uid"] != 0 and b["uid"] != 0 and a["uid"] != b["uid"]
+    assert a["uid"] >= 200_000 and a["gid"] == a["uid"] and a["groups"] in ([], [a["gid"]])
+    assert a["nofile"] == [1024, 1024]  # open files, as Lambda's limit
+
+
+def test_only_tmp_is_writable(iso: EmberServer) -> None:
+    lam = iso.client()
+    paths = ["/var/task/app.py", "/var/task/new", "/x", "/usr/x", "/etc/passwd", "/etc/x", "/dev/x", "/root/x"]
+    body = payload(lam.invoke(FunctionName="probe", Payload=json.dumps({"write": [*paths, "/tmp/x"]})))
+    for path in paths:
+        assert body["write " + path]["ok"] is False, (path, body["write " + path])
+    assert body["write /tmp/x"]["ok"] is True
+    canary_works(lam)
+
+
+def test_data_dir_ember_files_and_other_code_invisible(iso: EmberServer) -> None:
+    lam = iso.client()
+    code_dirs = [str(p) for p in (iso.data_dir / "code").iterdir() if p.is_dir()]
+    assert len(code_dirs) >= 2  # probe's and canary's
+    ember_src = str(Path(__file__).resolve().parent.parent / "src" / "ember")
+    looks = [str(iso.data_dir), *code_dirs, ember_src, str(iso.log_path)]
+    body = payload(
+        lam.invoke(
+            FunctionName="probe",
+            Payload=json.dumps({"exists": looks, "read": [f"{d}/app.py" for d in code_dirs]}),
+        )
+    )
+    for path in looks:
+        assert body["exists " + path] is False, path
+    for d in code_dirs:
+        assert body[f"read {d}/app.py"]["ok"] is False
+    assert body["task"] == ["app.py"]  # its own code, and nothing else
+    canary_works(lam)
+
+
+def test_proc_shows_only_the_sandbox(iso: EmberServer) -> None:
+    lam = iso.client()
+    assert iso.proc is not None
+    ember_pid = iso.proc.pid
+    body = payload(
+        lam.invoke(
+            FunctionName="probe",
+            Payload=json.dumps({"proc": True, "read": [f"/proc/{ember_pid}/environ", "/proc/1/environ"]}),
+        )
+    )
+    assert len(body["pids"]) <= 4, body["pids"]  # bwrap's init, the runtime (and its threads' group)
+    assert ember_pid not in body["pids"] or ember_pid <= 4
+    assert body[f"read /proc/{ember_pid}/environ"]["ok"] is False or ember_pid <= 4
+    assert body["read /proc/1/environ"]["ok"] is False  # pid 1 of the sandbox is root's, not readable
+    canary_works(lam)
+
+
+def test_cannot_reach_ember_or_other_sandboxes(iso: EmberServer) -> None:
+    lam = iso.client()
+    body = payload(lam.invoke(FunctionName="probe", Payload=json.dumps({"connect": [iso.port], "listening": True})))
+    assert body[f"connect {iso.port}"]["ok"] is False
+    assert body[f"connect {iso.port}"]["error"] == "ConnectionRefusedError"
+    # the only listener it can see is its own Runtime API: no other sandbox's, no ember's
+    assert body["listening"] == ["0100007F:2329"]  # 127.0.0.1:9001
+    canary_works(lam)
+
+
+def test_fork_bomb_is_contained(iso: EmberServer) -> None:
+    lam = iso.client()
+    create(
+        lam,
+        "forkbomb",
+        """
+        import os, sys
+        def handler(event, context):
+            print("uid=%d" % os.getuid(), flush=True)
+            while True:
+                try:
+                    os.fork()
+                except OSError:
+                    pass
+        """,
+        Timeout=3,
+    )
+    results = {}
+    bomb = in_background(lambda: results.update(r=lam.invoke(FunctionName="forkbomb", LogType="Tail")))
+    for _ in range(3):
+        canary_works(lam)
+    bomb.join(60)
+    resp = results["r"]
+    assert resp.get("FunctionError")
+    assert payload(resp)["errorType"] in ("Sandbox.Timedout", "Runtime.OutOfMemory", "Runtime.ExitError")
+    m = re.search(r"uid=(\d+)", tail(resp))
+    if m:
+        assert wait_for(lambda: not uids_alive(int(m.group(1))), 15), "fork bomb processes survived"
+    canary_works(lam)
+
+
+def test_endless_stdout_is_bounded_by_the_timeout(iso: EmberServer) -> None:
+    lam = iso.client()
+    create(
+        lam,
+        "chatty",
+        """
+        import sys
+        def handler(event, context):
+            while True:
+                sys.stdout.write("x" * 4096 + "\\n")
+        """,
+        Timeout=2,
+    )
+    results = {}
+    t = in_background(lambda: results.update(r=lam.invoke(FunctionName="chatty", LogType="Tail")))
+    canary_works(lam)
+    t.join(60)
+    resp = results["r"]
+    assert payload(resp)["errorType"] == "Sandbox.Timedout"
+    assert len(base64.b64decode(resp["LogResult"])) <= 4096
+    canary_works(lam)
+
+
+def test_busy_loop_past_the_timeout_is_killed(iso: EmberServer) -> None:
+    lam = iso.client()
+    create(
+        lam,
+        "spin",
+        """
+        import os
+        def handler(event, context):
+            print("uid=%d" % os.getuid(), flush=True)
+            while True:
+                pass
+        """,
+        Timeout=1,
+    )
+    results = {}
+    t = in_background(lambda: results.update(r=lam.invoke(FunctionName="spin", LogType="Tail")))
+    canary_works(lam)
+    t.join(60)
+    resp = results["r"]
+    assert payload(resp)["errorType"] == "Sandbox.Timedout"
+    uid = int(re.search(r"uid=(\d+)", tail(resp)).group(1))
+    assert wait_for(lambda: not uids_alive(uid), 10)
+    canary_works(lam)
+
+
+def test_filling_tmp_stops_at_the_cap(iso: EmberServer) -> None:
+    lam = iso.client()
+    create(
+        lam,
+        "filler",
+        """
+        import errno
+        def handler(event, context):
+            written = 0
+            try:
+                with open("/tmp/fill", "wb") as f:
+                    while True:
+                        f.write(b"x" * 65536)
+                        f.flush()
+                        written += 65536
+            except OSError as exc:
+                return {"written": written, "errno": exc.errno == errno.ENOSPC}
+        """,
+        Timeout=10,
+    )
+    body = payload(lam.invoke(FunctionName="filler"))
+    assert body["errno"] is True and 0 < body["written"] <= 8 * 1024 * 1024
+    canary_works(lam)  # its own /tmp: empty but for what it wrote, and writable
+
+
+def test_memory_limit_is_out_of_memory_and_the_sandbox_is_replaced(iso: EmberServer) -> None:
+    lam = iso.client()
+    create(
+        lam,
+        "hog",
+        """
+        def handler(event, context):
+            if event.get("hog"):
+                blocks = []
+                while True:
+                    blocks.append(b"x" * (16 * 1024 * 1024))
+            return "fine"
+        """,
+        MemorySize=128,
+        Timeout=20,
+    )
+    resp = lam.invoke(FunctionName="hog", Payload=b'{"hog": true}')
+    body = payload(resp)
+    assert resp.get("FunctionError") and body["errorType"] == "Runtime.OutOfMemory", body
+    assert re.fullmatch(r"RequestId: \S+ Error: Runtime exited with error: signal: killed", body["errorMessage"])
+    resp = lam.invoke(FunctionName="hog", Payload=b"{}")
+    assert payload(resp) == "fine"
+    canary_works(lam)
+
+
+def test_nothing_left_after_shutdown(tmp_path: Path) -> None:
+    srv = EmberServer(tmp_path / "data", "--isolation", "bwrap", "--pool", "2").start()
+    lam = srv.client()
+    create(
+        lam,
+        "parent",
+        """
+        import os, subprocess
+        def handler(event, context):
+            child = subprocess.Popen(["sleep", "300"], start_new_session=True)
+            return {"uid": os.getuid(), "child": child.pid}
+        """,
+    )
+    uid = payload(lam.invoke(FunctionName="parent"))["uid"]
+    assert srv.proc is not None
+    ember_pid = srv.proc.pid
+    assert uids_alive(uid)
+    assert srv.stop() == 0
+    assert wait_for(lambda: not uids_alive(uid), 10)
+    assert not (tmp_path / "data" / "sandboxes").exists()
+    left = [p for p in Path("/sys/fs/cgroup").glob(f"**/ember-{ember_pid}") if p.exists()]
+    assert left == []
+    mounts = Path("/proc/self/mounts").read_text()
+    assert str(tmp_path) not in mounts
+
+
+def test_without_isolation_a_loud_warning(tmp_path: Path) -> None:
+    srv = EmberServer(tmp_path / "data", "--isolation", "none").start()
+    try:
+        health = json.loads(urllib.request.urlopen(srv.url + "/health").read())
+        assert "WARNING" in health["isolation"]["mode"]
+        lam = srv.client()
+        create(lam, "plain", "def handler(e, c):\n    return 7\n")
+        assert payload(lam.invoke(FunctionName="plain")) == 7
+    finally:
+        srv.stop()
+    assert "WARNING" in srv.stderr()
+
+
+def test_pooled_runtimes_carry_nothing_between_functions(iso: EmberServer) -> None:
+    lam = iso.client()
+    src = """
+    import os, sys
+    def handler(event, context):
+        seen = {"tmp": sorted(os.listdir("/tmp")), "env": os.environ.get("LEAK"), "mod": "leaky" in sys.modules}
+        os.environ["LEAK"] = "yes"
+        open("/tmp/leak", "w").write("x")
+        sys.modules["leaky"] = sys
+        return {"uid": os.getuid(), "seen": seen, "name": os.environ["AWS_LAMBDA_FUNCTION_NAME"]}
+    """
+    before = json.loads(urllib.request.urlopen(iso.url + "/health").read())["isolation"]["pool"]["taken"]
+    results = []
+    for name in ("pooled-a", "pooled-b"):
+        create(lam, name, src)
+        assert wait_for(
+            lambda: json.loads(urllib.request.urlopen(iso.url + "/health").read())["isolation"]["pool"]["idle"] >= 1,
+            30,
+        )
+        results.append(payload(lam.invoke(FunctionName=name)))
+    assert json.loads(urllib.request.urlopen(iso.url + "/health").read())["isolation"]["pool"]["taken"] >= before + 2
+    a, b = results
+    assert (a["name"], b["name"]) == ("pooled-a", "pooled-b") and a["uid"] != b["uid"]
+    for r in results:
+        assert r["seen"] == {"tmp": [], "env": None, "mod": False}
+    # a function that sets PYTHON* variables (read at interpreter start) gets a fresh runtime
+    create(lam, "py-env", src, Environment={"Variables": {"PYTHONDONTWRITEBYTECODE": "1"}})
+    assert payload(lam.invoke(FunctionName="py-env"))["seen"]["env"] is None
+
+
+def test_no_user_namespaces_inside(iso: EmberServer) -> None:
+    """seccomp: a sandbox cannot make a user namespace (and with it capabilities of its own)."""
+    lam = iso.client()
+    body = payload(lam.invoke(FunctionName="probe", Payload=json.dumps({"userns": True})))
+    assert body["userns"] == [-1, 1]  # EPERM
+    canary_works(lam)
