@@ -55,9 +55,24 @@ def adopted_children() -> list[int]:
     return found
 
 
+def _is_zombie(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return True
+    return stat[stat.rfind(")") + 2 :].split()[0] == "Z"
+
+
 def reap_leftovers() -> list[int]:
-    """SIGKILL and reap every remaining child; return the PIDs that were still alive."""
-    left = adopted_children()
+    """SIGKILL and reap every remaining child; return the PIDs that were still alive. Zombies (dead
+    processes orphaned to us as the subreaper, e.g. a sandbox whose bwrap parent exited first) are
+    reaped but not counted: nothing of them is left running."""
+    children = adopted_children()
+    left = [pid for pid in children if not _is_zombie(pid)]
+    for pid in children:
+        if pid not in left:
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(pid, 0)
     for pid in left:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)

@@ -324,3 +324,27 @@ def test_a_backlog_of_100000_does_not_hold_back_another_function(tmp_path: Path)
         assert depth["ready"] + depth["inflight"] + depth["delayed"] > 90_000
     finally:
         assert srv.stop() == 0
+
+
+def test_ember_queues_command_shows_depth_and_drops(fast_server: EmberServer, tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    lam = fast_server.client()
+    make_sink(lam, "parked", tmp_path / "p.jsonl")
+    lam.put_function_concurrency(FunctionName="parked", ReservedConcurrentExecutions=0)
+    for _ in range(3):
+        lam.invoke(FunctionName="parked", InvocationType="Event", Payload=b"{}")
+    out = subprocess.run(
+        [sys.executable, "-m", "ember.cli", "queues", "--endpoint-url", fast_server.url],
+        capture_output=True, text=True, timeout=60,
+    )
+    assert out.returncode == 0, out.stderr
+    assert "queued 3" in out.stdout
+    row = next(line for line in out.stdout.splitlines() if line.startswith("parked"))
+    assert row.split()[1] == "3"  # ready
+    as_json = subprocess.run(
+        [sys.executable, "-m", "ember.cli", "queues", "--json", "--endpoint-url", fast_server.url],
+        capture_output=True, text=True, timeout=60,
+    )
+    assert json.loads(as_json.stdout)["functions"]["parked"]["ready"] == 3

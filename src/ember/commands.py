@@ -331,6 +331,38 @@ def top(
     top_view.run(_client(endpoint), interval, sort, window, once, console)
 
 
+@one_line_errors
+def queues(
+    as_json: Annotated[bool, typer.Option("--json", help="Print the queue statistics as JSON.")] = False,
+    endpoint: Annotated[str | None, _endpoint_option()] = None,
+) -> None:
+    """Asynchronous invocation queues: depth, oldest event's age, retries and drops per function."""
+    stats = _client(endpoint).get_json("/_ember/queues")
+    if as_json:
+        typer.echo(json.dumps(stats, indent=2))
+        return
+    typer.echo(
+        f"accepted {stats['accepted']}  succeeded {stats['succeeded']}  queued {stats['depth']}  "
+        f"running {stats['inflight']}  retries {stats['retries']}  dropped {stats['dropped']}"
+    )
+    rows = [("FUNCTION", "READY", "DELAYED", "RUNNING", "OLDEST", "DROPPED")]
+    for name, q in sorted(stats["functions"].items()):
+        rows.append(
+            (
+                name,
+                str(q["ready"]),
+                str(q["delayed"]),
+                str(q["inflight"]),
+                f"{q['oldest_age_s']:.1f} s",
+                str(q.get("dropped", 0)),
+            )
+        )
+    if len(rows) > 1:
+        widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+        for r in rows:
+            typer.echo("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
+
+
 def register(app: typer.Typer) -> None:
-    for fn in (deploy, invoke, ls, rm, logs, top):
+    for fn in (deploy, invoke, ls, rm, logs, top, queues):
         app.command()(fn)
