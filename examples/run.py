@@ -79,7 +79,8 @@ def main() -> int:
     deploy(endpoint)
     print(
         f"""
-Deployed the sample function `hello` (examples/hello/app.py). Invoke it:
+Deployed the sample function `hello` (examples/hello/app.py). Invoke it (any credentials do;
+with none configured: export AWS_ACCESS_KEY_ID=x AWS_SECRET_ACCESS_KEY=x AWS_DEFAULT_REGION=us-east-1):
 
   aws lambda invoke --endpoint-url {endpoint} --function-name hello \\
       --payload '{{"name": "you"}}' out.json && cat out.json

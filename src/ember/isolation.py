@@ -360,10 +360,12 @@ class Isolation:
             self.bwrap,
             "--unshare-pid", "--unshare-ipc", "--unshare-uts", "--unshare-net", "--unshare-cgroup-try",
             "--die-with-parent", "--hostname", "sandbox", "--cap-add", "CAP_SETUID", "--cap-add", "CAP_SETGID",
+            # /tmp first: the interpreter or venv may live under /tmp (a checkout there), and binds
+            # made after the tmpfs stay visible on top of it
+            "--size", str(self.cfg.ephemeral_mb * 1024 * 1024), "--perms", "1777", "--tmpfs", "/tmp",
             *self._static_args,
             "--proc", "/proc",
             "--dev", "/dev",
-            "--size", str(self.cfg.ephemeral_mb * 1024 * 1024), "--perms", "1777", "--tmpfs", "/tmp",
             "--ro-bind", task_dir, TASK_ROOT,
             "--remount-ro", "/dev",
             "--remount-ro", "/",

@@ -132,6 +132,7 @@ class Pool:
         self._fill_task: asyncio.Task[None] | None = None
         self._seq = 0
         self._closed = False
+        self.failures = 0  # pre-started runtimes in a row that died before they were ready (backoff)
 
     def start(self) -> None:
         shutil.rmtree(self.dir, ignore_errors=True)  # task dirs of a previous run
@@ -222,6 +223,8 @@ class Pool:
             except BlockingIOError:
                 return
             pooled.ready = bool(data)
+            if pooled.ready:
+                self.failures = 0
             self.loop.remove_reader(pooled.ready_fd)
             os.close(pooled.ready_fd)
             pooled.ready_fd = -1
@@ -246,8 +249,15 @@ class Pool:
         pooled.close_fds()
         await pooled.jail.release()
         if not self._closed:
-            log.warning("a pre-started runtime exited", extra={"returncode": pooled.process.returncode})
-            self.refill()
+            # A runtime that cannot start must not become a crash loop (tenet 3): back off, doubling
+            # from 0.1 s to a minute, until one comes up ready again.
+            self.failures += 1
+            delay = min(60.0, 0.1 * 2 ** min(self.failures, 10))
+            log.warning(
+                "a pre-started runtime exited",
+                extra={"returncode": pooled.process.returncode, "failures": self.failures, "retry_in_s": delay},
+            )
+            self.loop.call_later(delay, self.refill)
 
     async def close(self) -> None:
         self._closed = True
