@@ -21,7 +21,7 @@ run: install
 	$(PY) examples/run.py --port $(PORT) --data-dir .ember
 
 lint: install
-	$(VENV)/bin/ruff check src tests bench spec examples
+	$(VENV)/bin/ruff check src tests bench examples $(wildcard spec)
 
 test: install deps lint
 	$(PY) -m pytest -q
