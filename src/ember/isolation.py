@@ -334,12 +334,21 @@ class Isolation:
         for name in ETC_FILES:
             args += ["--ro-bind-try", f"/etc/{name}", f"/etc/{name}"]
         runtime_dirs = {os.path.realpath(sys.base_prefix), os.path.realpath(sys.prefix)}
+        # A runtime under /tmp (a checkout there) is bound elsewhere, so the sandbox's /tmp stays its
+        # own and empty; argv naming it is rewritten in `spawn` (a venv finds itself from argv[0]).
+        self._moved = {d: f"/opt/ember-runtime/{i}" for i, d in enumerate(sorted(runtime_dirs)) if _under_tmp(d)}
+        if _under_tmp(sys.prefix) and sys.prefix not in self._moved:
+            self._moved[sys.prefix] = self._moved.get(os.path.realpath(sys.prefix), "/opt/ember-runtime/venv")
+        mounted = set()
         for d in sorted(runtime_dirs):
             if d == "/usr" or d.startswith("/usr/"):
                 continue
-            args += ["--ro-bind", d, d]
-        if os.path.realpath(sys.prefix) != sys.prefix:  # keep the venv's own path valid too
-            args += ["--symlink", os.path.realpath(sys.prefix), sys.prefix]
+            target = self._moved.get(d, d)
+            args += ["--ro-bind", d, target]
+            mounted.add(target)
+        if os.path.realpath(sys.prefix) != sys.prefix and sys.prefix not in self._moved:
+            args += ["--symlink", os.path.realpath(sys.prefix), sys.prefix]  # keep the venv's own path valid
+        runtime_dirs = mounted
         # bwrap makes missing parents of mount points 0700 (root's): let the sandbox's uid pass through
         parents = {TASK_ROOT, "/etc", *runtime_dirs}
         ancestors = {str(a) for d in parents for a in Path(d).parents if str(a) != "/"}
@@ -379,6 +388,20 @@ class Isolation:
         drop = [self.setpriv, f"--reuid={uid}", f"--regid={uid}", "--clear-groups", "--inh-caps=-all"]
         return [*argv, "--", *drop, "--"]
 
+    def inside(self, argv: list[str]) -> list[str]:
+        """argv as the sandbox sees paths: a runtime bound away from /tmp is named at its new place."""
+        moved = getattr(self, "_moved", None)
+        if not moved:
+            return argv
+        out = []
+        for arg in argv:
+            for src, dst in moved.items():
+                if arg == src or arg.startswith(src + "/"):
+                    arg = dst + arg[len(src) :]
+                    break
+            out.append(arg)
+        return out
+
     async def spawn(
         self,
         argv: list[str],
@@ -413,7 +436,7 @@ class Isolation:
                 fds.append(block_r)
             process = await asyncio.create_subprocess_exec(
                 *self.bwrap_argv(uid, task_dir, info_w, block_r if block else None, seccomp_fd),
-                *argv,
+                *self.inside(argv),
                 cwd="/",
                 env=env,
                 stdin=stdin if stdin is not None else asyncio.subprocess.DEVNULL,
@@ -631,6 +654,10 @@ async def _read_json(fd: int) -> dict[str, Any]:
 
 
 @functools.cache
+def _under_tmp(path: str) -> bool:
+    return path == "/tmp" or path.startswith("/tmp/")
+
+
 def _bwrap_works(bwrap: str) -> bool:
     """Check once that bubblewrap can make namespaces here (some container hosts forbid it)."""
     import subprocess
