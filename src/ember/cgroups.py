@@ -228,6 +228,18 @@ class Cgroups:
             self.mine[key].mkdir(exist_ok=True)
         if self.version == 2:
             self._enable_v2()
+        self._weigh_parent()
+
+    def _weigh_parent(self) -> None:
+        """All sandboxes together weigh as much as one process per CPU, not as one process: under
+        contention, runtimes are not starved by ember's own loop (a relay's runtimes, each its own
+        process, would get that much), while among themselves they share by memory (Lambda's rule)."""
+        cpus = os.cpu_count() or 1
+        with contextlib.suppress(OSError, KeyError):
+            if self.version == 1:
+                _write(self.mine["cpu"] / "cpu.shares", str(1024 * cpus))
+            else:
+                _write(self.mine["unified"] / "cpu.weight", str(min(10000, 100 * cpus)))
 
     def _enable_v2(self) -> None:
         """Controllers must be enabled top-down; a cgroup holding processes cannot delegate (the
