@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import base64
 import json
+import os
 import re
 import subprocess
 import sys
@@ -23,7 +24,7 @@ import urllib.request
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-LUA = HERE / "event.lua"
+LUA = HERE / "invoke.lua"
 
 
 def _call(url: str, method: str = "GET", body: dict | None = None) -> dict:
@@ -66,6 +67,7 @@ def measure(endpoint: str, duration: float = 10.0, connections: int = 32, name: 
         capture_output=True,
         text=True,
         check=True,
+        env={**os.environ, "EMBER_INVOCATION_TYPE": "Event"},
     ).stdout
     accept_s = time.perf_counter() - t0
     line = next(ln for ln in out.splitlines() if ln.startswith("WRK_JSON "))

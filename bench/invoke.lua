@@ -3,6 +3,9 @@
 wrk.method = "POST"
 wrk.body = "{}"
 wrk.headers["Content-Type"] = "application/json"
+-- EMBER_INVOCATION_TYPE=Event makes these asynchronous invokes (bench/async_bench.py)
+local invocation_type = os.getenv("EMBER_INVOCATION_TYPE")
+if invocation_type then wrk.headers["X-Amz-Invocation-Type"] = invocation_type end
 
 done = function(summary, latency, requests)
   local e = summary.errors

@@ -17,8 +17,6 @@ import asyncio
 import contextlib
 import functools
 import logging
-import uuid
-from collections.abc import Awaitable, Callable
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -28,9 +26,9 @@ from aiohttp import web
 
 from ember import metrics
 from ember.control import ControlPlane
-from ember.errors import LambdaError, invalid, service_error
+from ember.errors import invalid
+from ember.frontend import api
 from ember.funclogs import DEFAULT_MAX_BYTES, LogStore
-from ember.reqctx import request_id_var
 from ember.worker import Worker
 
 log = logging.getLogger("ember.ops")
@@ -43,25 +41,7 @@ DASHBOARD_FILES = {
     "dashboard.css": "text/css",
 }
 
-Handler = Callable[[web.Request, str], Awaitable[web.StreamResponse]]
-
-
-def _api(handler: Handler) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
-    @functools.wraps(handler)
-    async def wrapped(request: web.Request) -> web.StreamResponse:
-        request_id = str(uuid.uuid4())
-        request_id_var.set(request_id)
-        try:
-            return await handler(request, request_id)
-        except LambdaError as err:
-            return err.response(request_id)
-        except Exception:
-            log.exception("request failed", extra={"request_id": request_id, "path": request.path})
-            return service_error(f"ember failed to process the request (RequestId: {request_id})").response(
-                request_id
-            )
-
-    return wrapped
+_api = api  # the same wrapper as the Lambda API's: a request id, errors in Lambda's wire form
 
 
 class Operations:

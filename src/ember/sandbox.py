@@ -259,30 +259,30 @@ class SandboxProcess:
     # ------------------------------------------------------------------ output capture
 
     def _on_output(self) -> None:
+        self._read_output()
+
+    def _drain_output(self) -> None:
+        """Read what the process wrote so far, so it lands on the invocation that wrote it. Bounded
+        (a runtime that never stops writing must not hold the loop): at most 1 MB here."""
+        for _ in range(16):
+            if not self._read_output():
+                return
+
+    def _read_output(self) -> bool:
+        """One read of the output pipe; False when nothing was there (or the pipe closed)."""
+        if self._out_fd < 0:
+            return False
         try:
             data = os.read(self._out_fd, 65536)
         except BlockingIOError:
-            return
+            return False
         except OSError:
             data = b""
         if not data:
             self._close_output()
-            return
+            return False
         self._append_output(data)
-
-    def _drain_output(self) -> None:
-        """Read what the process wrote so far, so it lands on the invocation that wrote it."""
-        while self._out_fd >= 0:
-            try:
-                data = os.read(self._out_fd, 65536)
-            except BlockingIOError:
-                return
-            except OSError:
-                data = b""
-            if not data:
-                self._close_output()
-                return
-            self._append_output(data)
+        return True
 
     def _append_output(self, data: bytes) -> None:
         buf = self.current.log if self.current is not None else self.init_log
