@@ -547,7 +547,7 @@ class Isolation:
             proc.loop.add_reader(read_fd, proc._on_output)
             proc.loop.create_task(proc._watch())
         except OSError as exc:
-            await _spawn_failed(proc, exc)
+            await proc.spawn_failed(exc)
 
     async def _launch_plain(self, proc: SandboxProcess) -> None:
         spec = proc.spec
@@ -565,24 +565,6 @@ class Isolation:
         proc.jail, proc._proc, proc.pid = jail, process, process.pid
         proc.loop.add_reader(read_fd, proc._on_output)
         proc.loop.create_task(proc._watch())
-
-
-async def _spawn_failed(proc: SandboxProcess, exc: OSError) -> None:
-    """As SandboxProcess.launch reports a runtime that cannot be started."""
-    from ember.sandbox import Outcome
-
-    proc._close_output()
-    await proc._close_endpoint()
-    if proc.jail is not None:
-        await proc.jail.release()
-    proc.exited.set()
-    error = Outcome.runtime_error(
-        Outcome.FUNCTION_ERROR,
-        "Runtime.InvalidEntrypoint",
-        f"RequestId: {{request_id}} Error: could not start the runtime: {exc.strerror}",
-    )
-    proc.events.sandbox_init_failed(proc, error)
-    proc.events.sandbox_exited(proc, -1)
 
 
 def _inside(argv: list[str], env: dict[str, str], code_dir: str) -> tuple[list[str], dict[str, str]]:

@@ -191,21 +191,28 @@ class SandboxProcess:
             )
         except OSError as exc:
             os.close(write_fd)
-            self._close_output()
-            await self._close_endpoint()
-            self.exited.set()
-            error = Outcome.runtime_error(
-                Outcome.FUNCTION_ERROR,
-                "Runtime.InvalidEntrypoint",
-                f"RequestId: {{request_id}} Error: could not start the runtime: {exc.strerror}",
-            )
-            self.events.sandbox_init_failed(self, error)
-            self.events.sandbox_exited(self, -1)
+            await self.spawn_failed(exc)
             return
         os.close(write_fd)
         self.pid = self._proc.pid
         self.loop.add_reader(read_fd, self._on_output)
         self.loop.create_task(self._watch())
+
+    async def spawn_failed(self, exc: OSError) -> None:
+        """The runtime could not be started at all (no bootstrap, not executable): an init failure
+        that goes to the invoke that caused it, then the sandbox is gone."""
+        self._close_output()
+        await self._close_endpoint()
+        if self.jail is not None:
+            await self.jail.release()
+        self.exited.set()
+        error = Outcome.runtime_error(
+            Outcome.FUNCTION_ERROR,
+            "Runtime.InvalidEntrypoint",
+            f"RequestId: {{request_id}} Error: could not start the runtime: {exc.strerror}",
+        )
+        self.events.sandbox_init_failed(self, error)
+        self.events.sandbox_exited(self, -1)
 
     async def _watch(self) -> None:
         assert self._proc is not None
