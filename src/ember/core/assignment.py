@@ -334,6 +334,55 @@ class Assigner:
         self._finish(fn)
         return True
 
+    # ----------------------------------------------------------------- cluster: adoption
+
+    def number_from(self, first_id: int) -> None:
+        """Number new sandboxes from `first_id` (a cluster leader makes ids unique across epochs)."""
+        assert first_id >= self._next_id
+        self._next_id = first_id
+
+    def adopt(
+        self, sid: int, name: str, generation: int, memory_mb: int, request: str | None, now: float,
+        starting: bool = False,
+    ) -> Sandbox:
+        """Take over a sandbox this Assigner did not start (a new cluster leader rebuilding its table
+        from the journal and the workers' inventories): STARTING, IDLE, or BUSY with `request`."""
+        fn = self.functions[name]
+        assert sid not in self.sandboxes, sid
+        sb = Sandbox(sid, fn, now)
+        sb.generation = generation
+        sb.memory_mb = memory_mb
+        self.sandboxes[sid] = sb
+        fn.members[sid] = sb
+        self.memory_mb += memory_mb
+        if starting:
+            fn.starting += 1
+        elif request is None:
+            if generation != fn.generation:
+                self._stop(sb, "retired")
+            else:
+                self._serve_or_idle(sb, now)
+        else:
+            fn.starting += 1  # counted as starting for a moment, so occupy's bookkeeping is uniform
+            self.occupy(sb, request)
+        return sb
+
+    def occupy(self, sb: Sandbox, request: str) -> None:
+        """The worker says `sb` runs `request` though this table thought it idle or starting (its READY
+        was lost): count it busy."""
+        fn = sb.function
+        if sb.state is State.IDLE:
+            del fn.idle[sb.id]
+            del self._expiry[sb.expires][sb.id]
+        else:
+            assert sb.state is State.STARTING, sb
+            fn.starting -= 1
+        sb.state = State.BUSY
+        sb.request = request
+        fn.inflight += 1
+        if fn.reserved is None:
+            self.unreserved_inflight += 1
+
     # ----------------------------------------------------------------- sandbox lifecycle
 
     def sandbox_ready(self, sb: Sandbox, now: float) -> None:

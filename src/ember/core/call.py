@@ -1,0 +1,73 @@
+"""One synchronous invocation as a cluster frontend sees it: acquire, send once, one outcome.
+
+Rules (spec/ember.pml R10; the `fe_*` actions):
+  C1  The frontend may retry the acquire (same request id, on whoever leads now) until it has sent
+      the payload, at most `max_retries` times.
+  C2  It sends the payload AT MOST ONCE. After that, a missing result is an error for the client,
+      never a second send (the mutant MUTANT_RESEND_PAYLOAD shows the double run this prevents).
+  C3  The client gets exactly one outcome; anything arriving later is dropped (`fe_discard`).
+"""
+
+from __future__ import annotations
+
+from enum import IntEnum
+
+__all__ = ["Call", "Phase"]
+
+
+class Phase(IntEnum):
+    ACQUIRING = 1  # F_ACQ
+    SENT = 2  # F_SENT: payload sent, waiting for the result
+    OK = 3  # F_OK
+    ERROR = 4  # F_ERR
+    THROTTLED = 5  # F_THR
+
+
+class Call:
+    __slots__ = ("max_retries", "phase", "request_id", "retries")
+
+    def __init__(self, request_id: str, max_retries: int) -> None:
+        assert max_retries >= 0
+        self.request_id = request_id
+        self.max_retries = max_retries
+        self.retries = 0
+        self.phase = Phase.ACQUIRING  # fe_send_acquire happened when the call was made
+
+    @property
+    def done(self) -> bool:
+        return self.phase >= Phase.OK
+
+    def on_grant(self) -> bool:
+        """fe_on_grant: True means "send the payload now" (exactly once); False is fe_discard."""
+        if self.phase is Phase.ACQUIRING:
+            self.phase = Phase.SENT
+            return True
+        return False
+
+    def on_fail(self, throttled: bool) -> bool:
+        """fe_on_fail: throttled by the leader, refused by the worker or an error. True: answer the client."""
+        if self.phase in (Phase.ACQUIRING, Phase.SENT):
+            self.phase = Phase.THROTTLED if throttled else Phase.ERROR
+            return True
+        return False
+
+    def on_result(self) -> bool:
+        """fe_on_result: True means "hand this result to the client"."""
+        if self.phase is Phase.SENT:
+            self.phase = Phase.OK
+            return True
+        return False
+
+    def on_timer(self) -> str | None:
+        """A timer fired: "retry" the acquire (fe_retry_acquire), or "give-up" (fe_give_up, an error
+        for the client), or None when the call is already over."""
+        if self.phase is Phase.ACQUIRING:
+            if self.retries < self.max_retries:
+                self.retries += 1
+                return "retry"
+            self.phase = Phase.ERROR
+            return "give-up"
+        if self.phase is Phase.SENT:  # C2: never re-send
+            self.phase = Phase.ERROR
+            return "give-up"
+        return None
