@@ -45,6 +45,13 @@ def serve(
     ephemeral_storage: int = typer.Option(
         512, "--ephemeral-storage", min=1, help="Size of each sandbox's /tmp, in MB."
     ),
+    role: str = typer.Option(
+        "all", "--role", help="all (one process, the default), or a cluster role: frontend, assigner, worker."
+    ),
+    etcd: str = typer.Option("", "--etcd", help="Cluster roles: etcd URL(s), e.g. http://127.0.0.1:2379."),
+    node_id: str = typer.Option("", "--node-id", help="Cluster roles: this process's id (default: generated)."),
+    partitions: int = typer.Option(4, "--partitions", min=1, help="Cluster: partitions (fixed by the first process)."),
+    lease_ttl: float = typer.Option(2.0, "--lease-ttl", min=0.5, help="Cluster: etcd session TTL in seconds."),
 ) -> None:
     """Serve the Lambda API and run functions."""
     from ember.core.keepalive import policy_from_name
@@ -67,26 +74,35 @@ def serve(
     if refusal:
         typer.echo(refusal, err=True)
         raise typer.Exit(2)
-    run(
-        ServeOptions(
-            host=host,
-            port=port,
-            data_dir=data_dir,
-            account_concurrency=account_concurrency,
-            max_starting=max_starting,
-            max_waiting=max_waiting,
-            keep_alive=keep_alive,
-            drain_s=drain,
-            region=region,
-            async_concurrency=async_concurrency,
-            async_delay_scale=async_delay_scale,
-            credentials=credentials,
-            insecure=insecure,
-            isolation=isolation,
-            pool=pool,
-            ephemeral_storage_mb=ephemeral_storage,
-        )
+    if role != "all" and not etcd:
+        typer.echo("ember: --role needs --etcd URL", err=True)
+        raise typer.Exit(2)
+    if role not in ("all", "frontend", "assigner", "worker"):
+        raise typer.BadParameter("expected all, frontend, assigner or worker", param_hint="--role")
+    options = ServeOptions(
+        host=host,
+        port=port,
+        data_dir=data_dir,
+        account_concurrency=account_concurrency,
+        max_starting=max_starting,
+        max_waiting=max_waiting,
+        keep_alive=keep_alive,
+        drain_s=drain,
+        region=region,
+        async_concurrency=async_concurrency,
+        async_delay_scale=async_delay_scale,
+        credentials=credentials,
+        insecure=insecure,
+        isolation=isolation,
+        pool=pool,
+        ephemeral_storage_mb=ephemeral_storage,
     )
+    if role == "all":
+        run(options)
+    else:
+        from ember.cluster.node import RoleOptions, run_role
+
+        run_role(options, RoleOptions(role, etcd, node_id, partitions, lease_ttl))
 
 
 @app.command()

@@ -183,6 +183,14 @@ class ControlPlane:
             self.core.set_reserved(rec.name, None)
         self.core.delete_function(rec.name)
 
+    def apply_remote(self, rec: FunctionRecord) -> None:
+        """Take a record another cluster process wrote (ember.cluster.catalog)."""
+        if rec.name in self.functions:
+            self.store.update(rec)
+        else:
+            self.store.insert(rec)
+        self._publish(rec)
+
     def put_concurrency(self, rec: FunctionRecord, body: dict[str, Any]) -> int:
         value = body.get("ReservedConcurrentExecutions")
         if not isinstance(value, int) or isinstance(value, bool) or value < 0:

@@ -97,6 +97,7 @@ async def _body_json(request: web.Request) -> dict[str, Any]:
 
 class Frontend:
     def __init__(self, control: ControlPlane, worker: Worker, asyncq: AsyncInvoker | None = None) -> None:
+        self.on_change: Callable[[str], Awaitable[None]] | None = None  # cluster mode: publish to etcd
         self.control = control
         self.worker = worker
         self.asyncq = asyncq
@@ -130,6 +131,10 @@ class Frontend:
         r.add_get("/openapi.json", openapi.handler)  # describes every route here: keep it in step
         r.add_get("/_ember/code/{name}/{file}", api(self.code))
         r.add_route("*", "/{tail:.*}", api(self.unknown))
+
+    async def _changed(self, name: str) -> None:
+        if self.on_change is not None:
+            await self.on_change(name)
 
     # ------------------------------------------------------------------ invoke
 
@@ -169,7 +174,8 @@ class Frontend:
         if kind == "Event":
             if log_type == "Tail":
                 raise invalid("LogType Tail is only supported for RequestResponse invocations")
-            assert self.asyncq is not None
+            if self.asyncq is None:
+                raise invalid("InvocationType Event is not available in cluster mode yet")
             await self.asyncq.accept(rec.name, payload, request_id)  # returns once durable
             return web.Response(status=202, headers={"x-amzn-RequestId": request_id})
         want_tail = log_type == "Tail"
@@ -189,6 +195,7 @@ class Frontend:
 
     async def create(self, request: web.Request, request_id: str) -> web.StreamResponse:
         rec = self.control.create(await _body_json(request))
+        await self._changed(rec.name)
         return _json(self.control.configuration(rec), request_id, 201)
 
     async def list(self, request: web.Request, request_id: str) -> web.StreamResponse:
@@ -229,23 +236,27 @@ class Frontend:
         rec = self.control.resolve(request.match_info["name"], request.query.get("Qualifier"))
         self.control.delete(rec)
         self.worker.apply_effects()
+        await self._changed(rec.name)
         return web.Response(status=204, headers={"x-amzn-RequestId": request_id})
 
     async def update_configuration(self, request: web.Request, request_id: str) -> web.StreamResponse:
         rec = self.control.resolve(request.match_info["name"])
         rec = self.control.update_configuration(rec, await _body_json(request))
         self.worker.apply_effects()
+        await self._changed(rec.name)
         return _json(self.control.configuration(rec), request_id)
 
     async def update_code(self, request: web.Request, request_id: str) -> web.StreamResponse:
         rec = self.control.resolve(request.match_info["name"])
         rec = self.control.update_code(rec, await _body_json(request))
         self.worker.apply_effects()
+        await self._changed(rec.name)
         return _json(self.control.configuration(rec), request_id)
 
     async def put_concurrency(self, request: web.Request, request_id: str) -> web.StreamResponse:
         rec = self.control.resolve(request.match_info["name"])
         value = self.control.put_concurrency(rec, await _body_json(request))
+        await self._changed(rec.name)
         if self.asyncq is not None:
             self.asyncq.function_changed(rec.name, value)
         return _json({"ReservedConcurrentExecutions": value}, request_id)
@@ -262,6 +273,7 @@ class Frontend:
     async def delete_concurrency(self, request: web.Request, request_id: str) -> web.StreamResponse:
         rec = self.control.resolve(request.match_info["name"])
         self.control.delete_concurrency(rec)
+        await self._changed(rec.name)
         if self.asyncq is not None:
             self.asyncq.function_changed(rec.name, None)
         return web.Response(status=204, headers={"x-amzn-RequestId": request_id})

@@ -1,0 +1,374 @@
+"""A cluster assigner: campaigns for every partition and, where it leads, runs `core.partition.Leader`.
+
+The shell only carries messages and effects: acquires from frontends (HTTP, held until the grant),
+READY/RELEASE/GONE from workers, SYNC/START/DESTROY to workers, fenced journal transactions to etcd.
+Effects of one partition are applied in order; a Create is journaled (fenced, R3) before its START
+is sent, and a failed fenced transaction deposes the leader at once. Timers: `tick` (keep-alive,
+queue deadlines), `resync` while reconciling, `timed_out` probes while serving (every fifth probe
+covers every sandbox: F5).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+from collections.abc import Callable
+from typing import Any
+
+import aiohttp
+import orjson
+from aiohttp import web
+
+from ember.cluster import layout
+from ember.control import ControlPlane
+from ember.core.assignment import Assigner
+from ember.core.partition import Create, Destroy, Grant, Leader, Refuse, Role, Sync, WriteOff
+from ember.core.placement import WorkerInfo
+from ember.etcd import Etcd, EtcdError, Session, SessionLost, dumps, loads
+
+log = logging.getLogger("ember.cluster.assigner")
+
+RPC_TIMEOUT_S = 2.0
+MAX_PENDING = 8192  # acquires held per partition
+TICK_S = 0.25
+PROBE_EVERY_S = 1.0
+FULL_PROBE_EVERY = 5
+
+
+class Partition:
+    """One partition as this assigner sees it: the core Leader plus the acquires it holds."""
+
+    def __init__(self, p: int, leader: Leader) -> None:
+        self.p = p
+        self.leader = leader
+        self.pending: dict[str, asyncio.Future[Grant | Refuse]] = {}
+        self.journal_q: asyncio.Queue[Create | WriteOff] = asyncio.Queue()
+        self.key = layout.leader_key(p)
+
+
+class AssignerNode:
+    def __init__(
+        self, etcd: Etcd, aid: str, url: str, control: ControlPlane, partitions: int, ttl: float,
+        make_assigner: Callable[[], Assigner], max_wait_s: float,
+    ) -> None:
+        self.etcd = etcd
+        self.id = aid
+        self.url = url
+        self.control = control
+        self.ttl = ttl
+        self.max_wait_s = max_wait_s
+        self.loop = asyncio.get_running_loop()
+        self.parts = [Partition(p, Leader(p, make_assigner)) for p in range(partitions)]
+        self.worker_urls: dict[str, str] = {}
+        self.workers: dict[str, WorkerInfo] = {}
+        self.session: Session | None = None
+        self.http: aiohttp.ClientSession | None = None
+        self.stopping = False
+        self._tasks: list[asyncio.Task[Any]] = []
+        self.elections = 0
+
+    # ------------------------------------------------------------------ lifecycle
+
+    async def start(self) -> None:
+        self.http = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=512))
+        for name in self.control.functions:
+            self.function_changed(name)
+        docs, rev = await self.etcd.get_prefix("workers/")
+        for key in docs:
+            kv = await self.etcd.get(key)
+            if kv is not None:
+                self._worker_put(key, kv.value, kv.mod_revision)  # the registering put's revision
+        self._tasks.append(asyncio.create_task(self._watch_workers(rev + 1)))
+        self._tasks.append(asyncio.create_task(self._lead()))
+        self._tasks.append(asyncio.create_task(self._timers()))
+
+    async def stop(self) -> None:
+        self.stopping = True
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self.session is not None:
+            with contextlib.suppress(Exception):
+                await self.session.close()  # revokes the lease: the keys go at once, followers take over
+        if self.http is not None:
+            await self.http.close()
+
+    def function_changed(self, name: str) -> None:
+        """The catalog changed `name`: tell its partition's leader (leader or not: it keeps the list)."""
+        part = self.parts[layout.partition_of(name, len(self.parts))]
+        rec = self.control.functions.get(name)
+        now = self.loop.time()
+        if rec is None:
+            part.leader.delete_function(name, now)
+        else:
+            part.leader.put_function(name, rec.revision, int(rec.config["MemorySize"]), rec.reserved_concurrency, now)
+        self._apply(part)
+
+    # ------------------------------------------------------------------ membership and leadership
+
+    def _worker_put(self, key: str, value: bytes, incarnation: int) -> None:
+        wid = key.removeprefix("workers/")
+        doc = loads(value)
+        self.worker_urls[wid] = doc["url"]
+        info = WorkerInfo(wid, incarnation, int(doc.get("capacity_mb", 4096)))
+        self.workers[wid] = info
+        for part in self.parts:
+            part.leader.worker_joined(WorkerInfo(wid, incarnation, info.capacity_mb), self.loop.time())
+            self._apply(part)
+
+    async def _watch_workers(self, start: int) -> None:
+        while not self.stopping:
+            try:
+                async with contextlib.aclosing(self.etcd.watch_prefix("workers/", start)) as events:
+                    async for ev in events:
+                        start = ev.revision + 1
+                        wid = ev.key.removeprefix("workers/")
+                        if ev.type == "put" and ev.value is not None:
+                            self._worker_put(ev.key, ev.value, ev.revision)
+                        else:
+                            self.workers.pop(wid, None)
+                            for part in self.parts:
+                                part.leader.worker_left(wid, self.loop.time())
+                                self._apply(part)
+            except EtcdError as exc:
+                log.warning("worker watch failed", extra={"error": str(exc)})
+                await asyncio.sleep(0.5)
+
+    async def _lead(self) -> None:
+        """One session at a time; with it, campaign for every partition. A lost session deposes all."""
+        while not self.stopping:
+            try:
+                session = await Session(self.etcd, self.ttl).start()
+                await session.register(f"assigners/{self.id}", dumps({"url": self.url, "pid": os.getpid()}))
+            except (EtcdError, SessionLost) as exc:
+                log.warning("assigner session failed", extra={"error": str(exc)})
+                await asyncio.sleep(0.5)
+                continue
+            self.session = session
+            campaigns = [asyncio.create_task(self._campaign(part, session)) for part in self.parts]
+            await session.lost.wait()
+            log.warning("assigner session lost: stepping down everywhere", extra={"reason": session.lost_reason})
+            for task in campaigns:
+                task.cancel()
+            await asyncio.gather(*campaigns, return_exceptions=True)
+            for part in self.parts:
+                self._step_down(part)
+            with contextlib.suppress(Exception):
+                await session.close()
+
+    async def _campaign(self, part: Partition, session: Session) -> None:
+        election = self.etcd.election(part.key)
+        value = dumps({"id": self.id, "url": self.url, "pid": os.getpid()})
+        journal_task: asyncio.Task[None] | None = None
+        try:
+            while session.alive:
+                try:
+                    epoch = await election.campaign(session, value)
+                    docs, _ = await self.etcd.get_prefix(layout.journal_prefix(part.p))
+                except (EtcdError, SessionLost) as exc:
+                    log.info("campaign failed", extra={"partition": part.p, "error": str(exc)})
+                    await asyncio.sleep(0.2)
+                    continue
+                self.elections += 1
+                records = [layout.record_from_json(loads(v)) for v in docs.values()]
+                workers = {w: WorkerInfo(w, i.incarnation, i.capacity_mb) for w, i in self.workers.items()}
+                log.info("elected", extra={"partition": part.p, "epoch": epoch, "journal": len(records)})
+                part.leader.elected(epoch, records, workers, self.loop.time())
+                journal_task = asyncio.create_task(self._journal(part, epoch))
+                self._apply(part)
+                while part.leader.role is not Role.FOLLOWER and part.leader.epoch == epoch:
+                    await asyncio.sleep(0.1)  # deposed by a fenced transaction, or the session ends
+                journal_task.cancel()
+                self._step_down(part)
+                with contextlib.suppress(EtcdError):
+                    await election.resign()
+        finally:
+            if journal_task is not None:
+                journal_task.cancel()
+
+    def _step_down(self, part: Partition) -> None:
+        if part.leader.role is not Role.FOLLOWER:
+            log.info("stepping down", extra={"partition": part.p, "epoch": part.leader.epoch})
+        part.leader.step_down()
+        for fut in part.pending.values():
+            if not fut.done():
+                fut.set_result(Refuse("", None, "not-leader"))
+        part.pending.clear()
+        while not part.journal_q.empty():
+            part.journal_q.get_nowait()
+
+    async def _journal(self, part: Partition, epoch: int) -> None:
+        """Fenced journal writes, in order; a Create's START goes out only after its record is durable."""
+        key = part.key
+        while True:
+            eff = await part.journal_q.get()
+            try:
+                if isinstance(eff, Create):
+                    r = eff.record
+                    ok = await self.etcd.fenced_txn(
+                        key, epoch, puts={layout.journal_key(part.p, r.sandbox): dumps(layout.record_to_json(r))})
+                    if ok:
+                        self._send(r.worker, "start", {
+                            "partition": part.p, "epoch": epoch, "sandbox": r.sandbox, "incarnation": r.incarnation,
+                            "function": r.function, "revision": r.generation})
+                else:
+                    ok = await self.etcd.fenced_txn(key, epoch, deletes=[layout.journal_key(part.p, eff.sandbox)])
+            except EtcdError as exc:
+                log.warning("journal write failed: stepping down", extra={"partition": part.p, "error": str(exc)})
+                ok = False
+            if not ok:
+                part.leader.deposed()  # R3: someone else leads now
+                return
+
+    # ------------------------------------------------------------------ effects
+
+    def _apply(self, part: Partition) -> None:
+        leader = part.leader
+        for eff in leader.take_effects():
+            if isinstance(eff, Grant | Refuse):
+                fut = part.pending.pop(eff.request_id, None)
+                if fut is not None and not fut.done():
+                    fut.set_result(eff)
+            elif isinstance(eff, Create | WriteOff):
+                part.journal_q.put_nowait(eff)
+            elif isinstance(eff, Destroy):
+                self._send(eff.worker, "destroy", {"partition": part.p, "epoch": eff.epoch, "sandbox": eff.sandbox})
+            elif isinstance(eff, Sync):
+                self.loop.create_task(self._sync(part, eff))
+
+    def _send(self, worker: str, what: str, body: dict[str, Any]) -> None:
+        url = self.worker_urls.get(worker)
+        if url is not None:
+            self.loop.create_task(self._post(f"{url}/_cluster/{what}", body))
+
+    async def _post(self, url: str, body: dict[str, Any]) -> Any:
+        assert self.http is not None
+        try:
+            async with self.http.post(url, data=orjson.dumps(body), timeout=aiohttp.ClientTimeout(RPC_TIMEOUT_S),
+                                      headers={"Content-Type": "application/json"}) as resp:
+                data = await resp.read()
+                return orjson.loads(data) if resp.status == 200 else None
+        except (aiohttp.ClientError, TimeoutError, orjson.JSONDecodeError) as exc:
+            log.info("message to worker lost", extra={"url": url, "error": str(exc)})
+            return None
+
+    async def _sync(self, part: Partition, eff: Sync) -> None:
+        url = self.worker_urls.get(eff.worker)
+        if url is None:
+            return
+        ans = await self._post(f"{url}/_cluster/sync", {"partition": part.p, "epoch": eff.epoch, "probe": eff.probe})
+        if ans is None:
+            return  # the resync or the next probe asks again
+        inv = {int(k): (v[0], v[1]) for k, v in ans["sandboxes"].items()}
+        part.leader.inventory(eff.worker, int(ans["epoch"]), inv, self.loop.time(), int(ans.get("probe", 0)))
+        self._apply(part)
+
+    async def _timers(self) -> None:
+        n = 0
+        while True:
+            await asyncio.sleep(TICK_S)
+            n += 1
+            now = self.loop.time()
+            probe = n % int(PROBE_EVERY_S / TICK_S) == 0
+            full = n % int(FULL_PROBE_EVERY * PROBE_EVERY_S / TICK_S) == 0
+            for part in self.parts:
+                leader = part.leader
+                if leader.role is Role.SERVING:
+                    leader.tick(now)
+                    if probe:
+                        leader.timed_out(now, every=full)
+                elif leader.role is Role.RECONCILING and n % 2 == 0:
+                    leader.resync()
+                self._apply(part)
+
+    # ------------------------------------------------------------------ HTTP
+
+    def routes(self, app: web.Application) -> None:
+        r = app.router
+        r.add_post("/_cluster/acquire", self.acquire)
+        r.add_post("/_cluster/ready", self.worker_message)
+        r.add_post("/_cluster/release", self.worker_message)
+        r.add_post("/_cluster/gone", self.worker_message)
+        r.add_get("/_cluster/status", self.status)
+
+    async def acquire(self, request: web.Request) -> web.Response:
+        b = await request.json(loads=orjson.loads)
+        part = self.parts[int(b["partition"])]
+        rid, name = b["request_id"], b["function"]
+        leader = part.leader
+        if leader.role is Role.FOLLOWER:
+            return web.json_response({"refused": "not-leader"}, status=409)
+        fut = part.pending.get(rid)
+        if fut is None:
+            out = leader.acquire(rid, name, self.loop.time())
+            if out is None:
+                if len(part.pending) >= MAX_PENDING:
+                    leader.cancel(rid, name)
+                    self._apply(part)
+                    return _refusal(Refuse(rid, None, "queue-full"))
+                fut = part.pending[rid] = self.loop.create_future()
+            self._apply(part)
+            if out is not None:
+                return _answer(out, self.worker_urls)
+        try:
+            res = await asyncio.wait_for(asyncio.shield(fut), self.max_wait_s + 1.0)
+        except TimeoutError:
+            part.pending.pop(rid, None)
+            leader.cancel(rid, name)
+            self._apply(part)
+            return _refusal(Refuse(rid, None, "queue-timeout"))
+        return _answer(res, self.worker_urls)
+
+    async def worker_message(self, request: web.Request) -> web.Response:
+        kind = request.path.rsplit("/", 1)[1]
+        b = await request.json(loads=orjson.loads)
+        part = self.parts[int(b["partition"])]
+        leader = part.leader
+        if leader.role is Role.FOLLOWER or int(b["epoch"]) != leader.epoch:
+            return web.json_response({"refused": "stale"}, status=409)  # a_discard_stale
+        now, worker, sid = self.loop.time(), b["worker"], int(b["sandbox"])
+        if kind == "ready":
+            leader.ready(worker, sid, now)
+        elif kind == "release":
+            leader.release(worker, sid, b.get("request_id"), now)
+        else:
+            leader.gone(sid, now)
+        self._apply(part)
+        return web.json_response({"ok": True})
+
+    async def status(self, request: web.Request) -> web.Response:
+        parts = []
+        for part in self.parts:
+            leader = part.leader
+            entry: dict[str, Any] = {"partition": part.p, "role": leader.role.name.lower(), "epoch": leader.epoch}
+            if leader.core is not None and leader.role is not Role.FOLLOWER:
+                states: dict[str, int] = {}
+                for sb in leader.core.sandboxes.values():
+                    states[sb.state.name.lower()] = states.get(sb.state.name.lower(), 0) + 1
+                entry["sandboxes"] = states
+                entry["journal"] = len(leader.journal)
+                entry["waiting"] = len(part.pending)
+            parts.append(entry)
+        return web.json_response({"role": "assigner", "id": self.id, "pid": os.getpid(), "url": self.url,
+                                  "elections": self.elections, "partitions": parts})
+
+
+def _answer(res: Grant | Refuse, worker_urls: dict[str, str]) -> web.Response:
+    if isinstance(res, Grant):
+        url = worker_urls.get(res.worker)
+        if url is None:
+            return _refusal(Refuse(res.request_id, None, "worker-unknown"))
+        return web.json_response({"sandbox": res.sandbox, "worker": res.worker, "worker_url": url,
+                                  "epoch": res.epoch})
+    return _refusal(res)
+
+
+def _refusal(res: Refuse) -> web.Response:
+    t = res.throttle
+    if t is not None:
+        return web.json_response({"status": t.status, "type": t.error, "reason": t.reason}, status=t.status)
+    status = {"not-leader": 409, "queue-timeout": 429, "queue-full": 429, "deleted": 404}.get(res.reason, 502)
+    return web.json_response({"status": status, "reason": res.reason, "detail": str(res.detail or "")},
+                             status=status)

@@ -1,0 +1,126 @@
+"""The function catalog, replicated through etcd: every process keeps a local copy in its own data dir.
+
+A frontend changes a function through the same ControlPlane as the single-process server (same
+validation, same shapes), then `publish`es the record (and the code, if etcd lacks it) and answers
+only once etcd has it. Every process `follow`s `functions/`: a record that differs from its copy is
+applied to its ControlPlane (and its store), so the invoke path of every role reads memory only.
+Concurrent changes of one function on two frontends converge on the one etcd applied last.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import logging
+from collections.abc import Callable
+
+from ember.cluster import layout
+from ember.control import ControlPlane
+from ember.etcd import Etcd, EtcdError, dumps, loads
+
+log = logging.getLogger("ember.cluster.catalog")
+
+
+class Catalog:
+    def __init__(self, etcd: Etcd, control: ControlPlane, fetch_code: bool) -> None:
+        self.etcd = etcd
+        self.control = control
+        self.fetch_code = fetch_code  # workers need the code; assigners and frontends only the records
+        self.synced = asyncio.Event()  # the initial snapshot is applied
+        self.listeners: list[Callable[[str], None]] = []  # told the name of every function applied
+        self._task: asyncio.Task[None] | None = None
+
+    # ------------------------------------------------------------------ writing (frontends)
+
+    async def publish(self, name: str) -> None:
+        """Make etcd hold this process's copy of `name` (or its absence)."""
+        rec = self.control.functions.get(name)
+        if rec is None:
+            await self.etcd.delete(f"functions/{name}")
+            return
+        await self._upload_code(rec.code_sha256)
+        await self.etcd.put(f"functions/{name}", dumps(layout.function_to_json(rec)))
+
+    async def _upload_code(self, sha: str) -> None:
+        if await self.etcd.get(f"code/{sha}/meta") is not None:
+            return
+        data = self.control.store.zip_path(sha).read_bytes()
+        chunks = [data[i : i + layout.CODE_CHUNK] for i in range(0, len(data), layout.CODE_CHUNK)] or [b""]
+        for i, chunk in enumerate(chunks):
+            await self.etcd.put(f"code/{sha}/{i}", chunk)
+        await self.etcd.put(f"code/{sha}/meta", dumps({"size": len(data), "chunks": len(chunks)}))
+
+    # ------------------------------------------------------------------ following (every role)
+
+    async def start(self) -> None:
+        docs, rev = await self.etcd.get_prefix("functions/")
+        for key, value in docs.items():
+            await self._apply_put(key, value)
+        for name in set(self.control.functions) - {k.removeprefix("functions/") for k in docs}:
+            self._apply_delete(name)  # deleted while this process was down
+        self.synced.set()
+        self._task = asyncio.create_task(self._follow(rev + 1))
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+    async def _follow(self, start: int) -> None:
+        while True:
+            try:
+                async with contextlib.aclosing(self.etcd.watch_prefix("functions/", start)) as events:
+                    async for ev in events:
+                        start = ev.revision + 1
+                        if ev.type == "put" and ev.value is not None:
+                            await self._apply_put(ev.key, ev.value)
+                        else:
+                            self._apply_delete(ev.key.removeprefix("functions/"))
+            except EtcdError as exc:  # compacted or unreachable for long: resynchronise from a snapshot
+                log.warning("catalog watch failed; reloading", extra={"error": str(exc)})
+                await asyncio.sleep(0.5)
+                with contextlib.suppress(EtcdError):
+                    docs, rev = await self.etcd.get_prefix("functions/")
+                    for key, value in docs.items():
+                        await self._apply_put(key, value)
+                    for name in set(self.control.functions) - {k.removeprefix("functions/") for k in docs}:
+                        self._apply_delete(name)
+                    start = rev + 1
+
+    async def _apply_put(self, key: str, value: bytes) -> None:
+        doc = loads(value)
+        rec = layout.function_from_json(doc)
+        local = self.control.functions.get(rec.name)
+        if local is not None and layout.function_to_json(local) == doc:
+            return  # our own change coming back, or nothing new
+        if self.fetch_code and not self.control.store.code_path(rec.code_sha256).is_dir():
+            await self._download_code(rec.code_sha256)
+        self.control.apply_remote(rec)
+        for listener in self.listeners:
+            listener(rec.name)
+
+    def _apply_delete(self, name: str) -> None:
+        rec = self.control.functions.get(name)
+        if rec is not None:
+            self.control.delete(rec)
+            for listener in self.listeners:
+                listener(name)
+
+    async def _download_code(self, sha: str) -> None:
+        meta_kv = await self.etcd.get(f"code/{sha}/meta")
+        if meta_kv is None:
+            raise EtcdError(f"code {sha} is missing from etcd")
+        meta = loads(meta_kv.value)
+        parts = []
+        for i in range(int(meta["chunks"])):
+            kv = await self.etcd.get(f"code/{sha}/{i}")
+            if kv is None:
+                raise EtcdError(f"code {sha} chunk {i} is missing from etcd")
+            parts.append(kv.value)
+        data = b"".join(parts)
+        if hashlib.sha256(data).hexdigest() != sha:
+            raise EtcdError(f"code {sha} from etcd does not match its hash")
+        self.control.store.put_code(data)
+

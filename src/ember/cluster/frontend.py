@@ -1,0 +1,176 @@
+"""The cluster frontend's invoke path: acquire from the partition's leader, send the payload once to the
+worker, answer the client. `core.call.Call` makes the decisions (R10: retry the acquire, never the
+payload); this shell adds the waits. It stands in for `ember.worker.Worker` under `ember.frontend`,
+so the Lambda API is the single-process server's, unchanged.
+
+Waits are bounded: the whole acquire (retries included) by ACQUIRE_BUDGET_S, each attempt by the
+leader's queue deadline, the invocation by the function's timeout plus INVOKE_SLACK_S. An attempt
+also ends when the partition's leader changes (a failover), so a paused leader holds nobody up.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from typing import Any
+
+import aiohttp
+import orjson
+
+from ember.cluster import layout
+from ember.cluster.leaders import LeaderMap
+from ember.core.call import Call
+from ember.errors import LambdaError, not_found, throttled
+from ember.sandbox import Invocation, Outcome
+from ember.store import FunctionRecord
+
+log = logging.getLogger("ember.cluster.frontend")
+
+ACQUIRE_BUDGET_S = 20.0
+MAX_ACQUIRE_RETRIES = 400  # each retry waits for a leader change or RETRY_PAUSE_S: the budget binds first
+RETRY_PAUSE_S = 0.05
+INVOKE_SLACK_S = 5.0
+
+
+class ClusterInvoker:
+    """Quacks like ember.worker.Worker for ember.frontend.Frontend."""
+
+    isolation = None
+
+    def __init__(self, leaders: LeaderMap, partitions: int, max_wait_s: float) -> None:
+        self.leaders = leaders
+        self.partitions = partitions
+        self.max_wait_s = max_wait_s
+        self.http: aiohttp.ClientSession | None = None
+        self.cold_starts = 0
+        self.warm_starts = 0
+        self.acquire_retries = 0
+        self.observer = None
+
+    async def start(self) -> None:
+        self.http = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=30))
+
+    async def stop(self) -> None:
+        if self.http is not None:
+            await self.http.close()
+
+    def apply_effects(self) -> None:
+        """Nothing to do: the leaders hold the sandboxes' state."""
+
+    def stats(self) -> dict[str, int]:
+        return {"cold_starts": self.cold_starts, "warm_starts": self.warm_starts,
+                "acquire_retries": self.acquire_retries}
+
+    async def drain(self, timeout_s: float) -> None:
+        return None
+
+    async def invoke(
+        self, rec: FunctionRecord, payload: bytes, request_id: str, client_context: str | None = None,
+        want_tail: bool = False,
+    ) -> tuple[Invocation, Outcome]:
+        loop = asyncio.get_running_loop()
+        inv = Invocation(request_id, payload, loop.create_future(), client_context)
+        p = layout.partition_of(rec.name, self.partitions)
+        call = Call(request_id, MAX_ACQUIRE_RETRIES)
+        grant = await self._acquire(call, p, rec.name)
+        if not call.on_grant():  # pragma: no cover - one grant is awaited at a time
+            raise LambdaError(500, "ServiceException", "duplicate grant")
+        outcome = await self._send(call, grant, p, payload, inv, float(rec.config["Timeout"]))
+        return inv, outcome
+
+    async def _acquire(self, call: Call, p: int, name: str) -> dict[str, Any]:
+        assert self.http is not None
+        deadline = time.monotonic() + ACQUIRE_BUDGET_S
+        body = orjson.dumps({"partition": p, "request_id": call.request_id, "function": name})
+        while True:
+            leader = self.leaders.get(p)
+            changed = self.leaders.changed(p)
+            status, doc = 0, None
+            if leader is not None:
+                status, doc = await self._post_acquire(leader[0], body, changed)
+            if status == 200:
+                return doc  # type: ignore[return-value]
+            if status not in (0, 409):  # the leader's answer: throttled, unknown, or an error
+                call.on_fail(status == 429)
+                raise _refused(doc or {}, status, name, call.request_id)
+            # no answer, no leader, or not the leader (any more): retry on whoever leads next
+            self.acquire_retries += 1
+            left = deadline - time.monotonic()
+            if call.on_timer() == "give-up" or left <= 0:
+                raise LambdaError(503, "ServiceException",
+                                  f"no leader answered for partition {p} within {ACQUIRE_BUDGET_S:.0f}s; retry")
+            if not changed.is_set():
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(changed.wait(), min(left, 0.25 if leader is None else RETRY_PAUSE_S))
+
+    async def _post_acquire(self, url: str, body: bytes, changed: asyncio.Event) -> tuple[int, Any]:
+        """One attempt: (status, answer), or (0, None) if no answer came before the leader changed."""
+        assert self.http is not None
+        post = asyncio.ensure_future(self.http.post(
+            f"{url}/_cluster/acquire", data=body, headers={"Content-Type": "application/json"},
+            timeout=aiohttp.ClientTimeout(total=self.max_wait_s + 3.0)))
+        moved = asyncio.ensure_future(changed.wait())
+        try:
+            done, _ = await asyncio.wait({post, moved}, return_when=asyncio.FIRST_COMPLETED)
+            if post not in done:
+                return 0, None
+            resp = post.result()
+            async with resp:
+                data = await resp.read()
+            return resp.status, orjson.loads(data) if data else None
+        except (aiohttp.ClientError, TimeoutError, orjson.JSONDecodeError):
+            return 0, None
+        finally:
+            moved.cancel()
+            if not post.done():
+                post.cancel()
+
+    async def _send(self, call: Call, grant: dict[str, Any], p: int, payload: bytes, inv: Invocation,
+                    timeout_s: float) -> Outcome:
+        """The payload goes to the worker once (R10); without a result the client gets an error."""
+        assert self.http is not None
+        q = {"partition": p, "epoch": grant["epoch"], "sandbox": grant["sandbox"], "request_id": call.request_id}
+        headers = {"Content-Type": "application/json"}
+        if inv.client_context:
+            headers["X-Amz-Client-Context"] = inv.client_context
+        url = f"{grant['worker_url']}/_cluster/invoke"
+        try:
+            async with self.http.post(url, params={k: str(v) for k, v in q.items()}, data=payload, headers=headers,
+                                      timeout=aiohttp.ClientTimeout(total=timeout_s + INVOKE_SLACK_S)) as resp:
+                data = await resp.read()
+                status = resp.status
+                error = resp.headers.get("X-Amz-Function-Error")
+                error_type = resp.headers.get("X-Ember-Error-Type")
+                cold = resp.headers.get("X-Ember-Cold") == "1"
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            call.on_timer()  # fe_give_up: never re-send
+            raise LambdaError(
+                502, "ServiceException",
+                f"lost the worker running request {call.request_id} ({type(exc).__name__}); it may or may not "
+                "have run") from None
+        if status == 409:  # w_reject: the worker did not run it
+            call.on_fail(False)
+            reason = orjson.loads(data).get("refused", "") if data else ""
+            raise LambdaError(503, "ServiceException", f"the worker refused the sandbox ({reason}); retry")
+        call.on_result()
+        inv.cold = cold
+        if cold:
+            self.cold_starts += 1
+        else:
+            self.warm_starts += 1
+        kind = Outcome.OK if error is None else Outcome.FUNCTION_ERROR
+        return Outcome(kind, data, error_type)
+
+
+def _refused(doc: dict[str, Any], status: int, name: str, request_id: str) -> LambdaError:
+    reason = doc.get("reason", "")
+    if status == 404:
+        return not_found("Function", name)
+    if status == 429:
+        return throttled(reason or "FunctionInvocationRateLimitExceeded")
+    if reason == "init-failed":
+        return LambdaError(502, "ServiceException", f"RequestId: {request_id} Error: Runtime exited during init")
+    return LambdaError(status if status >= 400 else 502, doc.get("type", "ServiceException"),
+                       f"{reason or 'refused'}{': ' + doc['detail'] if doc.get('detail') else ''}")

@@ -1,0 +1,90 @@
+"""Who leads each partition now, from a watch on `partitions/`: for frontends (acquires) and workers
+(READY, RELEASE, GONE go to whoever leads now). Waiters can sleep until the leader of a partition
+changes, which is how a frontend notices a failover without polling."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+
+from ember.etcd import Etcd, EtcdError, loads
+
+log = logging.getLogger("ember.cluster.leaders")
+
+
+class LeaderMap:
+    def __init__(self, etcd: Etcd) -> None:
+        self.etcd = etcd
+        self.leaders: dict[int, tuple[str, int]] = {}  # partition -> (url, epoch)
+        self._changed: dict[int, asyncio.Event] = {}
+        self._task: asyncio.Task[None] | None = None
+
+    def get(self, p: int) -> tuple[str, int] | None:
+        return self.leaders.get(p)
+
+    def changed(self, p: int) -> asyncio.Event:
+        """An event set at the next change of partition p's leader (a fresh one after each change)."""
+        ev = self._changed.get(p)
+        if ev is None:
+            ev = self._changed[p] = asyncio.Event()
+        return ev
+
+    async def start(self) -> None:
+        rev = await self._snapshot()
+        self._task = asyncio.create_task(self._follow(rev + 1))
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+    async def _snapshot(self) -> int:
+        docs, rev = await self.etcd.get_prefix("partitions/")
+        fresh: dict[int, tuple[str, int]] = {}
+        for key in docs:
+            p = _partition(key)
+            kv = await self.etcd.get(key)
+            if p is not None and kv is not None:
+                fresh[p] = (loads(kv.value)["url"], kv.create_revision)
+        for p in set(fresh) | set(self.leaders):
+            self._set(p, fresh.get(p))
+        return rev
+
+    def _set(self, p: int, leader: tuple[str, int] | None) -> None:
+        if self.leaders.get(p) == leader:
+            return
+        if leader is None:
+            self.leaders.pop(p, None)
+        else:
+            self.leaders[p] = leader
+        ev = self._changed.pop(p, None)
+        if ev is not None:
+            ev.set()
+
+    async def _follow(self, start: int) -> None:
+        while True:
+            try:
+                async with contextlib.aclosing(self.etcd.watch_prefix("partitions/", start)) as events:
+                    async for ev in events:
+                        start = ev.revision + 1
+                        p = _partition(ev.key)
+                        if p is None:
+                            continue
+                        if ev.type == "put" and ev.value is not None:
+                            self._set(p, (loads(ev.value)["url"], ev.revision))  # created: mod == create revision
+                        else:
+                            self._set(p, None)
+            except EtcdError as exc:
+                log.warning("leader watch failed; re-reading", extra={"error": str(exc)})
+                await asyncio.sleep(0.5)
+                with contextlib.suppress(EtcdError):
+                    start = await self._snapshot() + 1
+
+
+def _partition(key: str) -> int | None:
+    parts = key.split("/")
+    if len(parts) == 3 and parts[0] == "partitions" and parts[2] == "leader":
+        return int(parts[1])
+    return None
