@@ -35,6 +35,8 @@ MAX_PENDING = 8192  # acquires held per partition
 TICK_S = 0.25
 PROBE_EVERY_S = 1.0
 FULL_PROBE_EVERY = 5
+CATALOG_WAIT_S = 3.0
+SHARE_EVERY_S = 1.0
 
 
 class Partition:
@@ -51,8 +53,9 @@ class Partition:
 class AssignerNode:
     def __init__(
         self, etcd: Etcd, aid: str, url: str, control: ControlPlane, partitions: int, ttl: float,
-        make_assigner: Callable[[], Assigner], max_wait_s: float,
+        make_assigner: Callable[[], Assigner], max_wait_s: float, account_limit: int = 1000,
     ) -> None:
+        self.account_limit = account_limit
         self.etcd = etcd
         self.id = aid
         self.url = url
@@ -83,6 +86,7 @@ class AssignerNode:
         self._tasks.append(asyncio.create_task(self._watch_workers(rev + 1)))
         self._tasks.append(asyncio.create_task(self._lead()))
         self._tasks.append(asyncio.create_task(self._timers()))
+        self._tasks.append(asyncio.create_task(self._share()))
 
     async def stop(self) -> None:
         self.stopping = True
@@ -265,6 +269,37 @@ class AssignerNode:
         part.leader.inventory(eff.worker, int(ans["epoch"]), inv, self.loop.time(), int(ans.get("probe", 0)))
         self._apply(part)
 
+    async def _share(self) -> None:
+        """Account concurrency across partitions (issue item 4): every second each leader publishes its
+        partition's in-flight count (`usage/<p>`, bound to its session) and takes as its limit what the
+        others leave of the account's. Slack: what other partitions gained within one interval."""
+        while True:
+            await asyncio.sleep(SHARE_EVERY_S)
+            session = self.session
+            if session is None or not session.alive:
+                continue
+            try:
+                for part in self.parts:
+                    core = part.leader.core
+                    if part.leader.role is Role.SERVING and core is not None:
+                        used = core.account_limit - self._headroom(core)
+                        await session.register(f"usage/{part.p}", dumps({"inflight": used, "epoch": part.leader.epoch}))
+                docs, _ = await self.etcd.get_prefix("usage/")
+            except (EtcdError, SessionLost):
+                continue
+            usage = {int(k.split("/")[1]): int(loads(v)["inflight"]) for k, v in docs.items()}
+            floor = max(1, self.account_limit // (4 * len(self.parts)))
+            for part in self.parts:
+                core = part.leader.core
+                if part.leader.role is Role.SERVING and core is not None:
+                    others = sum(n for p, n in usage.items() if p != part.p)
+                    core.set_account_limit(max(floor, self.account_limit - others))
+
+    @staticmethod
+    def _headroom(core: Assigner) -> int:
+        return core.account_limit - core.unreserved_inflight - sum(
+            fn.inflight for fn in core.functions.values() if fn.reserved is not None)
+
     async def _timers(self) -> None:
         n = 0
         while True:
@@ -300,6 +335,10 @@ class AssignerNode:
         leader = part.leader
         if leader.role is Role.FOLLOWER:
             return web.json_response({"refused": "not-leader"}, status=409)
+        revision = int(b.get("revision", 0))
+        deadline = self.loop.time() + CATALOG_WAIT_S
+        while leader.functions.get(name, (0,))[0] < revision and self.loop.time() < deadline:
+            await asyncio.sleep(0.01)  # the frontend saw a newer catalog than this process has applied
         fut = part.pending.get(rid)
         if fut is None:
             out = leader.acquire(rid, name, self.loop.time())

@@ -47,6 +47,7 @@ class ClusterInvoker:
         self.cold_starts = 0
         self.warm_starts = 0
         self.acquire_retries = 0
+        self.refused = 0
         self.observer = None
 
     async def start(self) -> None:
@@ -61,7 +62,7 @@ class ClusterInvoker:
 
     def stats(self) -> dict[str, int]:
         return {"cold_starts": self.cold_starts, "warm_starts": self.warm_starts,
-                "acquire_retries": self.acquire_retries}
+                "acquire_retries": self.acquire_retries, "refused_by_worker": self.refused}
 
     async def drain(self, timeout_s: float) -> None:
         return None
@@ -74,16 +75,19 @@ class ClusterInvoker:
         inv = Invocation(request_id, payload, loop.create_future(), client_context)
         p = layout.partition_of(rec.name, self.partitions)
         call = Call(request_id, MAX_ACQUIRE_RETRIES)
-        grant = await self._acquire(call, p, rec.name)
-        if not call.on_grant():  # pragma: no cover - one grant is awaited at a time
-            raise LambdaError(500, "ServiceException", "duplicate grant")
-        outcome = await self._send(call, grant, p, payload, inv, float(rec.config["Timeout"]))
-        return inv, outcome
+        while True:
+            grant = await self._acquire(call, p, rec.name, rec.revision)
+            if not call.on_grant():  # pragma: no cover - one grant is awaited at a time
+                raise LambdaError(500, "ServiceException", "duplicate grant")
+            outcome = await self._send(call, grant, p, payload, inv, float(rec.config["Timeout"]))
+            if outcome is not None:
+                return inv, outcome
+            self.refused += 1  # C4: the worker did not run it; acquire again
 
-    async def _acquire(self, call: Call, p: int, name: str) -> dict[str, Any]:
+    async def _acquire(self, call: Call, p: int, name: str, revision: int) -> dict[str, Any]:
         assert self.http is not None
         deadline = time.monotonic() + ACQUIRE_BUDGET_S
-        body = orjson.dumps({"partition": p, "request_id": call.request_id, "function": name})
+        body = orjson.dumps({"partition": p, "request_id": call.request_id, "function": name, "revision": revision})
         while True:
             leader = self.leaders.get(p)
             changed = self.leaders.changed(p)
@@ -101,9 +105,10 @@ class ClusterInvoker:
             if call.on_timer() == "give-up" or left <= 0:
                 raise LambdaError(503, "ServiceException",
                                   f"no leader answered for partition {p} within {ACQUIRE_BUDGET_S:.0f}s; retry")
-            if not changed.is_set():
+            if not changed.is_set():  # wake at the failover, or back off while the same leader fails
+                pause = min(left, RETRY_PAUSE_S * 2 ** min(call.retries, 5))
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(changed.wait(), min(left, 0.25 if leader is None else RETRY_PAUSE_S))
+                    await asyncio.wait_for(changed.wait(), pause)
 
     async def _post_acquire(self, url: str, body: bytes, changed: asyncio.Event) -> tuple[int, Any]:
         """One attempt: (status, answer), or (0, None) if no answer came before the leader changed."""
@@ -128,8 +133,9 @@ class ClusterInvoker:
                 post.cancel()
 
     async def _send(self, call: Call, grant: dict[str, Any], p: int, payload: bytes, inv: Invocation,
-                    timeout_s: float) -> Outcome:
-        """The payload goes to the worker once (R10); without a result the client gets an error."""
+                    timeout_s: float) -> Outcome | None:
+        """The payload goes to the worker once (R10); without a result the client gets an error. None: the
+        worker refused it without running it (C4)."""
         assert self.http is not None
         q = {"partition": p, "epoch": grant["epoch"], "sandbox": grant["sandbox"], "request_id": call.request_id}
         headers = {"Content-Type": "application/json"}
@@ -151,7 +157,8 @@ class ClusterInvoker:
                 f"lost the worker running request {call.request_id} ({type(exc).__name__}); it may or may not "
                 "have run") from None
         if status == 409:  # w_reject: the worker did not run it
-            call.on_fail(False)
+            if call.on_refused() == "retry":
+                return None
             reason = orjson.loads(data).get("refused", "") if data else ""
             raise LambdaError(503, "ServiceException", f"the worker refused the sandbox ({reason}); retry")
         call.on_result()

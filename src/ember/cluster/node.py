@@ -106,13 +106,14 @@ async def serve_role(opts: ServeOptions, ro: RoleOptions, stop: asyncio.Event | 
         frontend.routes(app)
     if ro.role == "assigner":
         keep_alive = opts.keep_alive
-        share = max(1, opts.account_concurrency // partitions)  # each partition holds an equal share
+        share = opts.account_concurrency  # until the first usage exchange (AssignerNode._share), within 1 s
 
         def make_assigner() -> Assigner:
             return Assigner(account_limit=share, max_starting=opts.max_starting, max_waiting=opts.max_waiting,
                             keep_alive=policy_from_name(keep_alive))
 
-        node = AssignerNode(etcd, node_id, "", control, partitions, ro.lease_ttl, make_assigner, max_wait_s=15.0)
+        node = AssignerNode(etcd, node_id, "", control, partitions, ro.lease_ttl, make_assigner, max_wait_s=15.0,
+                            account_limit=opts.account_concurrency)
         catalog.listeners.append(node.function_changed)
         node.routes(app)
     elif ro.role == "worker":

@@ -6,6 +6,9 @@ Rules (spec/ember.pml R10; the `fe_*` actions):
   C2  It sends the payload AT MOST ONCE. After that, a missing result is an error for the client,
       never a second send (the mutant MUTANT_RESEND_PAYLOAD shows the double run this prevents).
   C3  The client gets exactly one outcome; anything arriving later is dropped (`fe_discard`).
+  C4  A worker's explicit refusal (w_reject: fenced, busy or absent) means the payload was not run
+      and never will be (the worker keeps nothing), so the acquire may be retried (F6, found by the
+      chaos harness: a grant in flight across a failover is fenced and would fail the client).
 """
 
 from __future__ import annotations
@@ -50,6 +53,18 @@ class Call:
             self.phase = Phase.THROTTLED if throttled else Phase.ERROR
             return True
         return False
+
+    def on_refused(self) -> str:
+        """fe_on_reject (C4): the worker refused the payload without running it: "retry" the acquire,
+        or "give-up" (an error for the client) when no retry is left."""
+        if self.phase is not Phase.SENT:
+            return "ignore"
+        if self.retries < self.max_retries:
+            self.retries += 1
+            self.phase = Phase.ACQUIRING
+            return "retry"
+        self.phase = Phase.ERROR
+        return "give-up"
 
     def on_result(self) -> bool:
         """fe_on_result: True means "hand this result to the client"."""
