@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Debian packages ember's tests and benchmarks use: bubblewrap (sandbox isolation), curl (a bootstrap runtime in the tests),
 # spin (the protocol model), wrk (the load generator of `make bench`), chromium and its driver (the
-# dashboard's browser test).
+# dashboard's browser test), etcd-server (the cluster's store: `etcd`, started by the cluster tests and
+# `ember cluster up`) and iproute2 (`ip`, with which the chaos harness cuts the network).
 # Installs what is missing when run as root; otherwise says what to install.
 set -euo pipefail
 need=()
@@ -12,6 +13,8 @@ command -v wrk  >/dev/null 2>&1 || need+=(wrk)
 command -v gcc  >/dev/null 2>&1 || need+=(gcc)
 command -v chromium >/dev/null 2>&1 || need+=(chromium)
 command -v chromedriver >/dev/null 2>&1 || need+=(chromium-driver)
+command -v etcd >/dev/null 2>&1 || need+=(etcd-server)
+command -v ip   >/dev/null 2>&1 || need+=(iproute2)
 [ ${#need[@]} -eq 0 ] && exit 0
 if [ "$(id -u)" -eq 0 ] && command -v apt-get >/dev/null 2>&1; then
   echo "installing Debian packages: ${need[*]}"

@@ -49,6 +49,7 @@ class Msg:
     throttled: bool = False
     inventory: dict = field(default_factory=dict)
     probe: int = 0
+    lease: str = ""  # INVOKE: the grant's lease id (the acquire id), which the worker's slot holds
 
 
 class World:
@@ -168,16 +169,16 @@ class World:
                     self.serving_ep = max(self.serving_ep, leader.epoch)  # a_start_serving
             self._effects(a)
         elif k in ("GRANT", "FAIL", "RESULT", "REJECT"):
-            call = self.calls[m.to]
+            call = self.calls[m.to.split("/")[0]]
             if k == "REJECT":
                 what = call.on_refused()
                 if what == "retry" and self.ld is not None:
-                    self.send(Msg("ACQ", self.ld, self.ep, request=m.request))
+                    self.send(Msg("ACQ", self.ld, self.ep, request=call.lease_id))
                 elif what == "give-up":
                     self._outcome(call.request_id)
             elif k == "GRANT":
                 if call.on_grant():  # fe_on_grant: send the payload, once
-                    self.send(Msg("INVOKE", m.worker, m.epoch, m.sandbox, m.request))
+                    self.send(Msg("INVOKE", m.worker, m.epoch, m.sandbox, call.request_id, lease=m.request))
             elif k == "FAIL":
                 if call.on_fail(m.throttled):
                     self._outcome(call.request_id)
@@ -188,7 +189,7 @@ class World:
             if k == "INVOKE":
                 if self.mutant == "no-fencing":
                     host.wmax[P] = 0
-                why = host.invoke(m.sandbox, P, m.epoch, m.request)
+                why = host.invoke(m.sandbox, P, m.epoch, m.lease)
                 if why is None:  # w_accept
                     self.running[m.sandbox] = self.running.get(m.sandbox, 0) + 1
                     self.nrun += 1
@@ -299,7 +300,7 @@ class World:
             self.deliver(act[1])
         elif kind == "send_acquire":  # fe_send_acquire
             rid = self.unsent.pop(0)
-            self.send(Msg("ACQ", self.ld, self.ep, request=rid))
+            self.send(Msg("ACQ", self.ld, self.ep, request=self.calls[rid].lease_id))
         elif kind == "runtime_ready":
             _, w, sid = act
             if (w, sid) in self.finished:
@@ -329,7 +330,7 @@ class World:
             rid = act[1]
             what = self.calls[rid].on_timer()
             if what == "retry" and self.ld is not None:  # fe_retry_acquire
-                self.send(Msg("ACQ", self.ld, self.ep, request=rid))
+                self.send(Msg("ACQ", self.ld, self.ep, request=self.calls[rid].lease_id))
             elif what == "give-up":  # fe_give_up
                 self._outcome(rid)
         elif kind == "tick":

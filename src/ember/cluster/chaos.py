@@ -21,6 +21,7 @@ import asyncio
 import base64
 import contextlib
 import io
+import os
 import signal
 import tempfile
 import time
@@ -83,6 +84,7 @@ class Load:
         self.sleep_s = sleep_s
         self.results: list[tuple[float, float, int, str]] = []  # (start, end, status, request id or error)
         self.shed = 0
+        self.samples: list[str] = []  # a few error answers, to say what went wrong
 
     async def run(self) -> None:
         payload = orjson.dumps({"sleep": self.sleep_s})
@@ -112,10 +114,12 @@ class Load:
             url = f"{self.frontends[(i + k) % len(self.frontends)]}/2015-03-31/functions/{SINK}/invocations"
             try:
                 async with http.post(url, data=payload) as resp:
-                    await resp.read()
+                    body = await resp.read()
                     rid = resp.headers.get("x-amzn-RequestId", "")
                     ok = resp.status == 200 and "X-Amz-Function-Error" not in resp.headers
                     self.results.append((start, time.time(), resp.status if ok else -resp.status, rid))
+                    if not ok and len(self.samples) < 20:
+                        self.samples.append(f"{resp.status} {body[:200].decode(errors='replace')}")
                     return
             except aiohttp.ClientConnectorError:
                 continue
@@ -218,6 +222,7 @@ def _report(scenario: str, load: Load, sink_file: Path, hit: dict[str, Any], lea
         "executions": sum(runs.values()),
         "target": hit.get("target"),
         "leak_detail": leaks[1],
+        "error_samples": load.samples[:5],
         "seconds": round(elapsed, 1),
     }
 
@@ -265,7 +270,9 @@ async def run(scenarios: list[str], duration: float, rate: float, use_netns: boo
             fabric_mod = None
     out = []
     for scenario in scenarios:
-        with tempfile.TemporaryDirectory(prefix=f"ember-chaos-{scenario}-") as tmp:
+        keep = os.environ.get("EMBER_CHAOS_KEEP")  # a directory: keep each scenario's logs there
+        with contextlib.nullcontext(f"{keep}/{scenario}") if keep else tempfile.TemporaryDirectory(
+                prefix=f"ember-chaos-{scenario}-") as tmp:
             fabric = fabric_mod.Fabric() if fabric_mod is not None else None
             try:
                 out.append(await run_scenario(scenario, Path(tmp), duration, rate, fabric=fabric))

@@ -87,7 +87,7 @@ class ClusterInvoker:
     async def _acquire(self, call: Call, p: int, name: str, revision: int) -> dict[str, Any]:
         assert self.http is not None
         deadline = time.monotonic() + ACQUIRE_BUDGET_S
-        body = orjson.dumps({"partition": p, "request_id": call.request_id, "function": name, "revision": revision})
+        body = orjson.dumps({"partition": p, "request_id": call.lease_id, "function": name, "revision": revision})
         while True:
             leader = self.leaders.get(p)
             changed = self.leaders.changed(p)
@@ -137,7 +137,8 @@ class ClusterInvoker:
         """The payload goes to the worker once (R10); without a result the client gets an error. None: the
         worker refused it without running it (C4)."""
         assert self.http is not None
-        q = {"partition": p, "epoch": grant["epoch"], "sandbox": grant["sandbox"], "request_id": call.request_id}
+        q = {"partition": p, "epoch": grant["epoch"], "sandbox": grant["sandbox"], "request_id": call.request_id,
+             "lease": call.lease_id}
         headers = {"Content-Type": "application/json"}
         if inv.client_context:
             headers["X-Amz-Client-Context"] = inv.client_context
@@ -150,6 +151,10 @@ class ClusterInvoker:
                 error = resp.headers.get("X-Amz-Function-Error")
                 error_type = resp.headers.get("X-Ember-Error-Type")
                 cold = resp.headers.get("X-Ember-Cold") == "1"
+        except aiohttp.ClientConnectorError as exc:  # never connected: the payload was not sent
+            if call.on_refused() == "retry":
+                return None
+            raise LambdaError(503, "ServiceException", f"cannot reach the worker ({exc}); retry") from None
         except (aiohttp.ClientError, TimeoutError) as exc:
             call.on_timer()  # fe_give_up: never re-send
             raise LambdaError(

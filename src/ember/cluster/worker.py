@@ -175,7 +175,7 @@ class WorkerNode:
         q = request.query
         p, epoch, sid, rid = int(q["partition"]), int(q["epoch"]), int(q["sandbox"]), q["request_id"]
         payload = await request.read()
-        why = self.host.invoke(sid, p, epoch, rid)
+        why = self.host.invoke(sid, p, epoch, q.get("lease", rid))
         proc = self.procs.get(sid)
         if why is None and proc is None:  # accepted by the table but the process just went away
             self.host.exited(sid)

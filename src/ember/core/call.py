@@ -9,6 +9,8 @@ Rules (spec/ember.pml R10; the `fe_*` actions):
   C4  A worker's explicit refusal (w_reject: fenced, busy or absent) means the payload was not run
       and never will be (the worker keeps nothing), so the acquire may be retried (F6, found by the
       chaos harness: a grant in flight across a failover is fenced and would fail the client).
+      The new acquire uses a new lease id (`lease_id`: request id, then "/1", "/2"...), so the
+      leader does not answer it with the refused grant again (acquire is idempotent per lease id).
 """
 
 from __future__ import annotations
@@ -27,14 +29,20 @@ class Phase(IntEnum):
 
 
 class Call:
-    __slots__ = ("max_retries", "phase", "request_id", "retries")
+    __slots__ = ("max_retries", "phase", "refusals", "request_id", "retries")
 
     def __init__(self, request_id: str, max_retries: int) -> None:
         assert max_retries >= 0
         self.request_id = request_id
         self.max_retries = max_retries
         self.retries = 0
+        self.refusals = 0
         self.phase = Phase.ACQUIRING  # fe_send_acquire happened when the call was made
+
+    @property
+    def lease_id(self) -> str:
+        """The id acquires carry (and the worker's RELEASE): new after each refusal (C4)."""
+        return self.request_id if not self.refusals else f"{self.request_id}/{self.refusals}"
 
     @property
     def done(self) -> bool:
@@ -61,6 +69,7 @@ class Call:
             return "ignore"
         if self.retries < self.max_retries:
             self.retries += 1
+            self.refusals += 1
             self.phase = Phase.ACQUIRING
             return "retry"
         self.phase = Phase.ERROR
