@@ -63,6 +63,10 @@ def test_the_lambda_api_works_through_any_frontend(cluster: LocalCluster) -> Non
     create(f1, "boom", "def handler(event, context):\n    raise ValueError('no')\n")
     err = f1.invoke(FunctionName="boom", Payload=b"{}")
     assert err["FunctionError"] == "Unhandled" and b"ValueError" in err["Payload"].read()
+    # an init failure reaches the caller as on one node: a function error with the runtime's message
+    create(f1, "broken", "import no_such_module\ndef handler(event, context):\n    return 1\n")
+    bad = f2.invoke(FunctionName="broken", Payload=b"{}")
+    assert bad["FunctionError"] == "Unhandled" and b"no_such_module" in bad["Payload"].read()
     # status: every partition has a leader with a process id and an epoch; workers report sandboxes
     doc = asyncio.run(status(cluster.etcd_url))
     assert len(doc["partitions"]) == 2

@@ -31,8 +31,10 @@ import resource
 import shutil
 import signal
 import socket
+import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -179,9 +181,7 @@ def _seccomp_fd(program: bytes) -> int:
     return fd
 
 
-def _enter(
-    uid: int, cgroup_fds: list[int], pids_max: int, nofile: int, drop: bool, address_mb: int = 0
-) -> None:
+def _enter(uid: int, cgroup_fds: list[int], pids_max: int, nofile: int, drop: bool, address_mb: int = 0) -> None:
     """In the forked child, before exec: join the cgroup, cap open files and processes, become the
     sandbox's uid (no groups), and die with ember (set after the uid change, which clears it).
     `address_mb`: without a cgroup, an address-space cap is the only memory limit there is."""
@@ -196,6 +196,76 @@ def _enter(
         os.setgroups([])
         os.setresgid(uid, uid, uid)
         os.setresuid(uid, uid, uid)
+    _libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
+_spawners: ThreadPoolExecutor | None = None
+
+
+def _spawner() -> ThreadPoolExecutor:
+    """Threads that fork sandboxes, living as long as ember: PR_SET_PDEATHSIG fires when the *thread*
+    that forked a child ends, so these threads are never shut down."""
+    global _spawners
+    if _spawners is None:
+        _spawners = ThreadPoolExecutor(max_workers=2, thread_name_prefix="ember-spawn")
+    return _spawners
+
+
+class SpawnedProcess:
+    """What ember uses of an asyncio.subprocess.Process (pid, returncode, wait, kill), for a child
+    spawned off the event loop: starting a sandbox waits in the child for the cgroup moves (an RCU grace
+    period each on cgroup v1) and the exec, ~5-20 ms during which the event loop would stand still."""
+
+    def __init__(self, popen: subprocess.Popen[bytes], loop: asyncio.AbstractEventLoop) -> None:
+        self._popen = popen
+        self._loop = loop
+        self.pid = popen.pid
+        self.returncode: int | None = None
+        self._exited: asyncio.Future[int] = loop.create_future()
+        self._pidfd = os.pidfd_open(self.pid)
+        loop.add_reader(self._pidfd, self._on_exit)
+
+    def _on_exit(self) -> None:
+        self._loop.remove_reader(self._pidfd)
+        os.close(self._pidfd)
+        self.returncode = self._popen.wait()  # it has exited: reaps at once
+        if not self._exited.done():
+            self._exited.set_result(self.returncode)
+
+    async def wait(self) -> int:
+        return await asyncio.shield(self._exited)
+
+    def send_signal(self, sig: int) -> None:
+        if self.returncode is not None:
+            raise ProcessLookupError(self.pid)
+        os.kill(self.pid, sig)
+
+    def kill(self) -> None:
+        self.send_signal(signal.SIGKILL)
+
+    def terminate(self) -> None:
+        self.send_signal(signal.SIGTERM)
+
+
+async def spawn_off_loop(argv: list[str], **kwargs: Any) -> SpawnedProcess:
+    """subprocess.Popen on a spawner thread (the event loop only waits for the fork itself)."""
+    loop = asyncio.get_running_loop()
+    fut = loop.run_in_executor(_spawner(), functools.partial(subprocess.Popen, argv, **kwargs))
+    try:
+        popen = await asyncio.shield(fut)
+    except asyncio.CancelledError:
+
+        def reap(f: asyncio.Future[subprocess.Popen[bytes]]) -> None:
+            if not f.cancelled() and f.exception() is None:
+                SpawnedProcess(f.result(), loop).kill()  # its exit is then reaped by the reader
+
+        fut.add_done_callback(reap)
+        raise
+    return SpawnedProcess(popen, loop)
+
+
+def die_with_ember() -> None:
+    """preexec_fn of ember's helper processes (the zygote): SIGKILL when ember dies."""
     _libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
@@ -298,7 +368,7 @@ class Isolation:
             from ember.pool import Pool
 
             self.pool = Pool(self, self.cfg.pool)
-            self.pool.start()
+            await self.pool.start()
 
     async def close(self) -> None:
         if self.pool is not None:
@@ -412,9 +482,12 @@ class Isolation:
         stdin: int | None = None,
         extra_fds: tuple[int, ...] = (),
         block: bool = True,
-    ) -> tuple[asyncio.subprocess.Process, Jail, int]:
+        join_cgroup: bool = True,
+    ) -> tuple[SpawnedProcess, Jail, int]:
         """Start `argv` in a new sandbox; returns the process, its jail, and (when `block`) the fd to
-        write to let the runtime run (after its Runtime API listener exists), else -1."""
+        write to let the runtime run (after its Runtime API listener exists), else -1. `join_cgroup`
+        False: bwrap and `argv` stay out of the sandbox's cgroup (which is still made and limited), for
+        a payload that runs no function code (ember.zygote puts the runtime it forks there itself)."""
         assert self.uids is not None
         uid = self.uids.take()
         cgroup = self.cgroups.create() if self.cgroups is not None else None
@@ -424,7 +497,8 @@ class Isolation:
         try:
             if cgroup is not None:
                 cgroup.limit(memory_mb, self.cfg.pids_max)
-                fds += cgroup.open_procs()
+                if join_cgroup:
+                    fds += cgroup.open_procs()
             info_r, info_w = os.pipe2(os.O_CLOEXEC)
             fds += [info_r, info_w]
             seccomp_fd = _seccomp_fd(self._seccomp) if self._seccomp else -1
@@ -434,18 +508,22 @@ class Isolation:
             if block:
                 block_r, block_w = os.pipe2(os.O_CLOEXEC)
                 fds.append(block_r)
-            process = await asyncio.create_subprocess_exec(
-                *self.bwrap_argv(uid, task_dir, info_w, block_r if block else None, seccomp_fd),
-                *self.inside(argv),
+            process = await spawn_off_loop(
+                [*self.bwrap_argv(uid, task_dir, info_w, block_r if block else None, seccomp_fd), *self.inside(argv)],
                 cwd="/",
                 env=env,
-                stdin=stdin if stdin is not None else asyncio.subprocess.DEVNULL,
+                stdin=stdin if stdin is not None else subprocess.DEVNULL,
                 stdout=out_fd,
                 stderr=out_fd,
                 start_new_session=True,
                 pass_fds=tuple(fd for fd in (info_w, block_r, seccomp_fd, *extra_fds) if fd >= 0),
                 preexec_fn=functools.partial(
-                    _enter, uid, fds[: len(cgroup.dirs)] if cgroup else [], self.cfg.pids_max, self.cfg.nofile, False
+                    _enter,
+                    uid,
+                    fds[: len(cgroup.dirs)] if cgroup and join_cgroup else [],
+                    self.cfg.pids_max,
+                    self.cfg.nofile,
+                    False,
                 ),
             )
             for fd in fds:
@@ -522,6 +600,8 @@ class Isolation:
             handler = _python_handler(spec.argv)
             poolable = handler is not None and not any(k.startswith("PYTHON") and k != "PYTHONPATH" for k in env)
             pooled = self.pool.take() if self.pool is not None and poolable else None
+            if pooled is None and self.pool is not None and poolable:
+                pooled = await self.pool.fork_now()
             if pooled is not None:
                 assert handler is not None
                 await pooled.specialise(proc, spec.cwd, handler, env)

@@ -23,13 +23,15 @@ import errno
 import logging
 import os
 import shutil
+import socket
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import orjson
 
-from ember.isolation import RUNTIME_API_PORT, Isolation, Jail, listen_in_netns
+from ember.isolation import RUNTIME_API_PORT, Isolation, Jail, SpawnedProcess, die_with_ember, listen_in_netns
+from ember.zygote import RETIRE_AFTER, WAITER, Zygote, sandbox_pidfd
 
 if TYPE_CHECKING:
     from ember.sandbox import SandboxProcess
@@ -37,7 +39,10 @@ if TYPE_CHECKING:
 log = logging.getLogger("ember.pool")
 
 POOL_MEMORY_MB = 128  # the cgroup limit while pooled (Lambda's smallest MemorySize); set per function later
-REFILL_DELAY_S = 0.1  # spawning forks ember, on the event loop: not while a cold start is under way
+USE_ZYGOTE = os.environ.get("EMBER_ZYGOTE", "1") != "0"  # 0: every pooled runtime is a fresh interpreter
+START_FILL_S = 10.0
+BOOST_DECAY_S = 30.0
+REFILL_DELAY_S = 0.01  # a refill costs the event loop ~2 ms (the fork itself): after the cold start's own work
 
 # Runs inside the sandbox as `python -c ZYGOTE READY_FD`. Kept as a string so no ember file needs to
 # be visible in the sandbox.
@@ -71,9 +76,7 @@ GENERIC_ENV = {"PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "en_US.UTF-8", "T
 class Pooled:
     """One pre-started runtime, waiting to be specialised."""
 
-    def __init__(
-        self, process: asyncio.subprocess.Process, jail: Jail, out_fd: int, ctl_fd: int, ready_fd: int
-    ) -> None:
+    def __init__(self, process: SpawnedProcess, jail: Jail, out_fd: int, ctl_fd: int, ready_fd: int) -> None:
         self.process = process
         self.jail = jail
         self.out_fd = out_fd  # its stdout/stderr; adopted by the SandboxProcess
@@ -123,6 +126,9 @@ class Pool:
     def __init__(self, iso: Isolation, size: int) -> None:
         self.iso = iso
         self.size = size
+        self.boost = 0  # extra runtimes kept while cold starts come faster than refills (pool misses)
+        self.max_boost = max(2, size)
+        self._last_miss = -1e9
         self.loop = asyncio.get_running_loop()
         self.dir = iso.data_dir / "sandboxes"
         self.idle: list[Pooled] = []
@@ -133,11 +139,23 @@ class Pool:
         self._seq = 0
         self._closed = False
         self.failures = 0  # pre-started runtimes in a row that died before they were ready (backoff)
+        self.zygote: Zygote | None = None  # forks runtimes into new sandboxes (ember.zygote); None: fresh ones
+        self._next_zygote: asyncio.Task[None] | None = None
+        self._zygote_failed_at = -1e9
+        self.forked = 0  # pooled runtimes that came from a zygote
+        self.forked_on_demand = 0  # of which, forked for a cold start that found the pool empty
+        self.zygotes = 0  # zygotes started (one per RETIRE_AFTER forks)
+        self.fresh = 0  # pooled runtimes started as a new interpreter (no zygote)
 
-    def start(self) -> None:
+    async def start(self) -> None:
+        """Start the zygote and fill the pool before ember says it is listening (bounded: a pool that
+        cannot fill goes on filling in the background)."""
         shutil.rmtree(self.dir, ignore_errors=True)  # task dirs of a previous run
         self.dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         self.refill()
+        assert self._fill_task is not None
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(asyncio.shield(self._fill_task), START_FILL_S)
 
     def take(self) -> Pooled | None:
         """A ready runtime if there is one (else one still importing, else None); never given back."""
@@ -147,7 +165,7 @@ class Pool:
                 best = p
         if best is None:
             self.missed += 1
-            self.refill()
+            self._missed()
             return None
         self.idle.remove(best)
         best.taken = True
@@ -156,31 +174,208 @@ class Pool:
             self.loop.remove_reader(best.ready_fd)
             os.close(best.ready_fd)
             best.ready_fd = -1
+        if not best.ready:  # it will make this cold start wait: the pool is running behind
+            self._missed()
         self.loop.call_later(REFILL_DELAY_S, self.refill)
         return best
+
+    async def fork_now(self) -> Pooled | None:
+        """On a pool miss: a runtime forked by the zygote into a new sandbox for this cold start (a few
+        ms: what a refill costs), rather than a fresh interpreter; None when there is no zygote."""
+        if self._closed or self.zygote is None or not self.zygote.alive:
+            return None
+        try:
+            pooled = await self._spawn_forked()
+        except OSError as exc:
+            log.warning("the zygote could not start a runtime", extra={"error": str(exc)})
+            return None
+        pooled.taken = True
+        self.forked_on_demand += 1
+        if pooled.ready_fd >= 0:
+            os.close(pooled.ready_fd)
+            pooled.ready_fd = -1
+        return pooled
+
+    @property
+    def target(self) -> int:
+        return self.size + self.boost
+
+    def _missed(self) -> None:
+        """Cold starts outran the refills: keep one more runtime ready (up to `max_boost` more), until
+        BOOST_DECAY_S pass without a miss."""
+        self._last_miss = self.loop.time()
+        if self.boost < self.max_boost:
+            if self.boost == 0:
+                self.loop.call_later(BOOST_DECAY_S, self._decay)
+            self.boost += 1
+        self.refill()
+
+    def _decay(self) -> None:
+        if self._closed or self.boost == 0:
+            return
+        idle_for = self.loop.time() - self._last_miss
+        if idle_for < BOOST_DECAY_S:
+            self.loop.call_later(BOOST_DECAY_S - idle_for, self._decay)
+            return
+        self.boost -= 1
+        if len(self.idle) > self.target:  # the oldest extra runtime goes (a uid, a cgroup, a few MB)
+            extra = self.idle.pop(0)
+            extra.taken = True  # not a failure: its watcher must not count it as one
+            if extra.ready_fd >= 0:
+                self.loop.remove_reader(extra.ready_fd)
+            self.loop.create_task(_discard(extra))
+        if self.boost > 0:
+            self.loop.call_later(BOOST_DECAY_S, self._decay)
 
     def refill(self) -> None:
         if not self._closed and (self._fill_task is None or self._fill_task.done()):
             self._fill_task = self.loop.create_task(self._fill())
 
     async def _fill(self) -> None:
-        while not self._closed and len(self.idle) + self.spawning < self.size:
-            self.spawning += 1
-            try:
-                pooled = await self._spawn()
-            except Exception:
-                log.exception("could not pre-start a runtime")
+        """Start what is missing all at once: each start mostly waits (bwrap, a cgroup move), in parallel."""
+        while not self._closed and len(self.idle) + self.spawning < self.target:
+            need = self.target - len(self.idle) - self.spawning
+            started = await asyncio.gather(*(self._add_one() for _ in range(need)))
+            if not all(started):
                 await asyncio.sleep(1.0)
-                continue
-            finally:
-                self.spawning -= 1
-            if self._closed:
-                await _discard(pooled)
-                return
-            self.idle.append(pooled)
-            self.loop.create_task(self._until_ready(pooled))  # imports overlap: a drained pool refills fast
+
+    async def _add_one(self) -> bool:
+        self.spawning += 1
+        try:
+            pooled = await self._spawn()
+        except Exception:
+            log.exception("could not pre-start a runtime")
+            return False
+        finally:
+            self.spawning -= 1
+        if self._closed:
+            await _discard(pooled)
+            return True
+        self.idle.append(pooled)
+        self.loop.create_task(self._until_ready(pooled))  # imports overlap: a drained pool refills fast
+        return True
 
     async def _spawn(self) -> Pooled:
+        if await self._zygote() is not None:
+            try:
+                return await self._spawn_forked()
+            except OSError as exc:
+                log.warning("the zygote could not start a runtime; starting a fresh one", extra={"error": str(exc)})
+        return await self._spawn_fresh()
+
+    async def _zygote(self) -> Zygote | None:
+        """The current zygote, started on first use (and again, at most every 10 s, after a failure);
+        replaced in the background once it has forked RETIRE_AFTER runtimes."""
+        if not USE_ZYGOTE:
+            return None
+        z = self.zygote
+        if z is not None and not z.alive:
+            await z.kill()
+            z = self.zygote = None
+        if z is None:
+            if self.loop.time() - self._zygote_failed_at < 10.0:
+                return None
+            try:
+                z = await self._new_zygote()
+            except OSError as exc:
+                self._zygote_failed_at = self.loop.time()
+                log.warning("no zygote: pooled runtimes start fresh", extra={"error": str(exc)})
+                return None
+            if self._closed:
+                await z.kill()
+                return None
+            self.zygote = z
+        if z.forks >= RETIRE_AFTER and (self._next_zygote is None or self._next_zygote.done()):
+            self._next_zygote = self.loop.create_task(self._replace_zygote(z))
+        return z
+
+    async def _new_zygote(self) -> Zygote:
+        z = Zygote(self.iso._seccomp, dict(GENERIC_ENV), die_with_ember)
+        await z.start()
+        self.zygotes += 1
+        return z
+
+    async def _replace_zygote(self, old: Zygote) -> None:
+        """The old zygote serves until its successor is ready, then retires (it exits once the runtimes
+        it forked are gone)."""
+        try:
+            new = await self._new_zygote()
+        except OSError as exc:
+            log.warning("could not start a new zygote", extra={"error": str(exc)})
+            if old.forks >= 2 * RETIRE_AFTER:  # never share one layout too widely: start fresh instead
+                old.close()
+            return
+        if self._closed or self.zygote is not old:
+            await new.kill()
+            return
+        self.zygote = new
+        old.close()
+
+    async def _spawn_forked(self) -> Pooled:
+        """A new sandbox whose payload waits for a runtime the zygote forks into it (ember.zygote)."""
+        self._seq += 1
+        task_dir = self.dir / str(self._seq)
+        task_dir.mkdir(mode=0o755)
+        out_r, out_w = os.pipe2(os.O_CLOEXEC)
+        ctl_r, ctl_w = os.pipe2(os.O_CLOEXEC)
+        ready_r, ready_w = os.pipe2(os.O_CLOEXEC)
+        keeper_end, payload_end = (s.detach() for s in socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM))
+        os.set_blocking(out_r, False)
+        os.set_blocking(ready_r, False)
+        theirs = [out_w, ctl_r, ready_w, keeper_end, payload_end]
+        process: SpawnedProcess | None = None
+        jail: Jail | None = None
+        try:
+            process, jail, _ = await self.iso.spawn(
+                list(WAITER),
+                dict(GENERIC_ENV),
+                str(task_dir),
+                POOL_MEMORY_MB,
+                out_w,
+                stdin=payload_end,
+                block=False,
+                join_cgroup=False,  # only the runtime goes there (its keeper moves it): one cgroup move, not two
+            )
+            os.close(payload_end)
+            theirs.remove(payload_end)
+            pidfd = sandbox_pidfd(jail.child_pid, process)
+            theirs.append(pidfd)
+            procs = jail.cgroup.open_procs() if jail.cgroup is not None else []
+            theirs += procs
+            cfg = self.iso.cfg
+            zygote = self.zygote  # the current one: it may have been replaced while bwrap started
+            if zygote is None:
+                raise OSError("no zygote")
+            zygote.fork(
+                jail.child_pid,
+                jail.uid,
+                cfg.nofile,
+                cfg.pids_max,
+                [pidfd, ctl_r, out_w, ready_w, keeper_end, *procs],
+            )
+        except BaseException:
+            for fd in (out_r, ctl_w, ready_r):
+                os.close(fd)
+            if process is not None and jail is not None:
+                jail.kill()
+                with contextlib.suppress(ProcessLookupError):
+                    process.kill()
+                await process.wait()
+                await jail.release()
+            shutil.rmtree(task_dir, ignore_errors=True)
+            raise
+        finally:
+            for fd in theirs:
+                os.close(fd)
+        jail.task_dir = task_dir
+        self.forked += 1
+        pooled = Pooled(process, jail, out_r, ctl_w, ready_r)
+        self.loop.create_task(self._watch(pooled))
+        return pooled
+
+    async def _spawn_fresh(self) -> Pooled:
+        """A new sandbox with a new interpreter that imports the runtime itself (no zygote)."""
+        self.fresh += 1
         self._seq += 1
         task_dir = self.dir / str(self._seq)
         task_dir.mkdir(mode=0o755)
@@ -265,20 +460,32 @@ class Pool:
             self._fill_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._fill_task
+        if self._next_zygote is not None:
+            self._next_zygote.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._next_zygote
         idle, self.idle = self.idle, []
         for pooled in idle:
             if pooled.ready_fd >= 0:
                 self.loop.remove_reader(pooled.ready_fd)
             await _discard(pooled)
+        if self.zygote is not None:
+            await self.zygote.kill()
+            self.zygote = None
         shutil.rmtree(self.dir, ignore_errors=True)
 
     def stats(self) -> dict[str, Any]:
         return {
             "size": self.size,
+            "target": self.target,
             "idle": len(self.idle),
             "ready": sum(p.ready for p in self.idle),
             "taken": self.taken,
             "missed": self.missed,
+            "forked": self.forked,
+            "forked_on_demand": self.forked_on_demand,
+            "zygotes": self.zygotes,
+            "fresh": self.fresh,
         }
 
 

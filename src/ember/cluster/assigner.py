@@ -373,7 +373,7 @@ class AssignerNode:
         elif kind == "release":
             leader.release(worker, sid, b.get("request_id"), now)
         else:
-            leader.gone(sid, now)
+            leader.gone(sid, now, b.get("init_error"))
         self._apply(part)
         return web.json_response({"ok": True})
 
@@ -409,5 +409,5 @@ def _refusal(res: Refuse) -> web.Response:
     if t is not None:
         return web.json_response({"status": t.status, "type": t.error, "reason": t.reason}, status=t.status)
     status = {"not-leader": 409, "queue-timeout": 429, "queue-full": 429, "deleted": 404}.get(res.reason, 502)
-    return web.json_response({"status": status, "reason": res.reason, "detail": str(res.detail or "")},
-                             status=status)
+    detail = res.detail if isinstance(res.detail, dict) else str(res.detail or "")
+    return web.json_response({"status": status, "reason": res.reason, "detail": detail}, status=status)

@@ -76,7 +76,10 @@ class ClusterInvoker:
         p = layout.partition_of(rec.name, self.partitions)
         call = Call(request_id, MAX_ACQUIRE_RETRIES)
         while True:
-            grant = await self._acquire(call, p, rec.name, rec.revision)
+            try:
+                grant = await self._acquire(call, p, rec.name, rec.revision)
+            except InitFailed as exc:  # the function's init failed: Lambda answers it as a function error
+                return inv, exc.outcome
             if not call.on_grant():  # pragma: no cover - one grant is awaited at a time
                 raise LambdaError(500, "ServiceException", "duplicate grant")
             outcome = await self._send(call, grant, p, payload, inv, float(rec.config["Timeout"]))
@@ -98,6 +101,10 @@ class ClusterInvoker:
                 return doc  # type: ignore[return-value]
             if status not in (0, 409):  # the leader's answer: throttled, unknown, or an error
                 call.on_fail(status == 429)
+                detail = (doc or {}).get("detail")
+                if (doc or {}).get("reason") == "init-failed" and isinstance(detail, dict):
+                    body = detail.get("body", "").replace("{request_id}", call.request_id).encode()
+                    raise InitFailed(Outcome(Outcome.FUNCTION_ERROR, body, detail.get("type")))
                 raise _refused(doc or {}, status, name, call.request_id)
             # no answer, no leader, or not the leader (any more): retry on whoever leads next
             self.acquire_retries += 1
@@ -174,6 +181,11 @@ class ClusterInvoker:
             self.warm_starts += 1
         kind = Outcome.OK if error is None else Outcome.FUNCTION_ERROR
         return Outcome(kind, data, error_type)
+
+
+class InitFailed(Exception):
+    def __init__(self, outcome: Outcome) -> None:
+        self.outcome = outcome
 
 
 def _refused(doc: dict[str, Any], status: int, name: str, request_id: str) -> LambdaError:

@@ -56,6 +56,7 @@ class WorkerNode:
         self.procs: dict[int, SandboxProcess] = {}
         self.leaders = LeaderMap(etcd)
         self.partition_of: dict[int, int] = {}  # sandbox -> partition
+        self.init_errors: dict[int, Outcome] = {}  # sandbox -> why its init failed, until it exits
         self.session: Session | None = None
         self.http: aiohttp.ClientSession | None = None
         self._tasks: list[asyncio.Task[None]] = []
@@ -255,7 +256,8 @@ class WorkerNode:
             self._notify(self.partition_of.get(sid, 0), kind, sid, rid)
 
     def sandbox_init_failed(self, proc: SandboxProcess, error: Outcome) -> None:
-        proc.kill()  # its exit reports it gone; the leader answers the waiting request
+        self.init_errors[proc.sandbox.id] = error  # sent with GONE: the leader answers the waiting request
+        proc.kill()
 
     def sandbox_result(self, proc: SandboxProcess, inv: Invocation, outcome: Outcome) -> None:
         if not proc.finish(inv, outcome):
@@ -281,17 +283,20 @@ class WorkerNode:
                 exit_type, status = "Runtime.OutOfMemory", "signal: killed"
             proc.finish(inv, Outcome.runtime_error(
                 Outcome.EXIT, exit_type, f"RequestId: {inv.request_id} Error: Runtime exited with error: {status}"))
+        error = self.init_errors.pop(sid, None)
         if slot is not None:
-            self._notify(slot.partition, "gone", sid, None)
+            detail = None if error is None else {"body": error.body.decode(errors="replace"), "type": error.error_type}
+            self._notify(slot.partition, "gone", sid, None, detail)
 
     # ------------------------------------------------------------------ to the leader
 
-    def _notify(self, p: int, kind: str, sid: int, rid: str | None) -> None:
+    def _notify(self, p: int, kind: str, sid: int, rid: str | None, init_error: dict[str, Any] | None = None) -> None:
         leader = self.leaders.get(p)
         if leader is None or self._notifying >= MAX_NOTIFY or self.http is None:
             return  # nobody leads, or too much in flight: the next leader's reconciliation repairs it
         url, epoch = leader
-        body = {"partition": p, "epoch": epoch, "worker": self.id, "sandbox": sid, "request_id": rid}
+        body = {"partition": p, "epoch": epoch, "worker": self.id, "sandbox": sid, "request_id": rid,
+                "init_error": init_error}
         self._notifying += 1
         self.loop.create_task(self._post(f"{url}/_cluster/{kind}", body))
 

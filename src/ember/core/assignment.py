@@ -421,9 +421,11 @@ class Assigner:
         self._stop(sb, "discarded")
         self._refill(fn, now)
 
-    def sandbox_exited(self, sb: Sandbox, now: float) -> str | None:
+    def sandbox_exited(self, sb: Sandbox, now: float, init_failure: bool = True) -> str | None:
         """The sandbox's process is gone. Returns the request it was running, if any (that invocation
-        ends with an error the shell answers). After this the sandbox is forgotten (R4)."""
+        ends with an error the shell answers). After this the sandbox is forgotten (R4).
+        A STARTING sandbox's death fails the oldest waiter, unless `init_failure` is False (a cluster
+        leader lost it with its worker: the waiters wait on for another sandbox)."""
         if self.sandboxes.pop(sb.id, None) is None:
             return None
         fn = sb.function
@@ -433,8 +435,11 @@ class Assigner:
         lost = None
         if state is not State.STOPPING:
             self.memory_mb -= sb.memory_mb
-        if state is State.STARTING:  # died before it was ready: an init failure
+        if state is State.STARTING and init_failure:  # died before it was ready: an init failure
             self._start_failed(fn, now, None)
+        elif state is State.STARTING:
+            fn.starting -= 1
+            self._refill(fn, now)
         elif state is State.RESETTING:
             fn.resetting -= 1
             self._refill(fn, now)

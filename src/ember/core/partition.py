@@ -347,10 +347,16 @@ class Leader:
         if sandbox not in self.journal and worker in self.workers:
             self._effects.append(Destroy(worker, sandbox, self.epoch))
 
-    def gone(self, sandbox: int, now: float) -> None:
+    def gone(self, sandbox: int, now: float, init_error: object = None) -> None:
         """The worker says the sandbox's process is gone (crash, timeout, OOM). Ids are never reused, so
-        unlike a probe's "absent" this cannot be stale: write it off."""
+        unlike a probe's "absent" this cannot be stale: write it off. With `init_error` its init failed:
+        the waiter that caused the start gets that error, as on one node."""
         if self.role is Role.SERVING and sandbox in self.journal:
+            core = self.core
+            assert core is not None
+            sb = core.sandboxes.get(sandbox)
+            if init_error is not None and sb is not None and sb.state is State.STARTING:
+                core.sandbox_failed(sb, now, init_error)
             self._write_off(sandbox, now)
             self._drain(now)
 
@@ -443,7 +449,7 @@ class Leader:
         if core is not None:
             sb = core.sandboxes.get(sid)
             if sb is not None:
-                core.sandbox_exited(sb, now)
+                core.sandbox_exited(sb, now, init_failure=False)  # lost, not failed: its waiters wait on
 
     def _drain(self, now: float) -> None:
         """Turn the Assigner's effects into protocol effects (placement and the journal for a Start)."""
