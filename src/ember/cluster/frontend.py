@@ -32,6 +32,7 @@ ACQUIRE_BUDGET_S = 20.0
 MAX_ACQUIRE_RETRIES = 400  # each retry waits for a leader change or RETRY_PAUSE_S: the budget binds first
 RETRY_PAUSE_S = 0.05
 INVOKE_SLACK_S = 5.0
+CONNECT_TIMEOUT_S = 1.0  # a worker cut off: not connected means not sent, so the acquire is retried (C4)
 
 
 class ClusterInvoker:
@@ -152,13 +153,14 @@ class ClusterInvoker:
         url = f"{grant['worker_url']}/_cluster/invoke"
         try:
             async with self.http.post(url, params={k: str(v) for k, v in q.items()}, data=payload, headers=headers,
-                                      timeout=aiohttp.ClientTimeout(total=timeout_s + INVOKE_SLACK_S)) as resp:
+                                      timeout=aiohttp.ClientTimeout(total=timeout_s + INVOKE_SLACK_S,
+                                                                    sock_connect=CONNECT_TIMEOUT_S)) as resp:
                 data = await resp.read()
                 status = resp.status
                 error = resp.headers.get("X-Amz-Function-Error")
                 error_type = resp.headers.get("X-Ember-Error-Type")
                 cold = resp.headers.get("X-Ember-Cold") == "1"
-        except aiohttp.ClientConnectorError as exc:  # never connected: the payload was not sent
+        except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError) as exc:  # never connected: not sent
             if call.on_refused() == "retry":
                 return None
             raise LambdaError(503, "ServiceException", f"cannot reach the worker ({exc}); retry") from None
