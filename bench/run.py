@@ -289,6 +289,13 @@ def isolation_bars(cold_isolation: Json | None) -> list[Json]:
     return out
 
 
+def cluster_bars(cluster: Json | None) -> list[Json]:
+    """Issue 8's cluster bar (bench/cluster_bench.py); SKIP when not measured (--skip-cluster)."""
+    import cluster_bench
+
+    return [cluster_bench.bar(cluster)]
+
+
 def ratios(summary: dict[str, dict[str, Json]]) -> Json:
     e, r = summary.get("ember", {}), summary.get("relay", {})
     out: Json = {}
@@ -583,6 +590,18 @@ async def bench(opts: argparse.Namespace, tmp: Path, result: Json) -> None:
         result["cold_isolation"] = await asyncio.to_thread(coldstart.run, n, modes, 0.25)
         log("\n" + coldstart.table(result["cold_isolation"]))
 
+    if not opts.skip_cluster:
+        import cluster_bench  # issue 8: cluster frontend vs single process, interleaved, same run
+
+        copts = cluster_bench.options_from(opts)
+        log(f"cluster: {copts.rounds} rounds of {copts.duration:g} s, single vs cluster ...")
+        try:
+            result["cluster"] = await cluster_bench.measure(copts, tmp)
+            log(cluster_bench.table(result["cluster"]))
+        except Exception as exc:  # a broken cluster must not cost the other figures
+            result["cluster"] = {"error": f"{type(exc).__name__}: {exc}"}
+            log(f"cluster: FAILED {result['cluster']['error']}")
+
 
 async def amain(opts: argparse.Namespace) -> int:
     loop = asyncio.get_running_loop()
@@ -611,7 +630,7 @@ async def amain(opts: argparse.Namespace) -> int:
             result.setdefault("load", {"summary": {}})
             result["bars"] = bars(
                 result["load"]["summary"], result.get("cold"), result.get("core"), result.get("async")
-            ) + isolation_bars(result.get("cold_isolation"))
+            ) + isolation_bars(result.get("cold_isolation")) + cluster_bars(result.get("cluster"))
             out = Path(opts.out)
             out.parent.mkdir(parents=True, exist_ok=True)
             out.write_text(json.dumps(result, indent=2) + "\n")
@@ -640,6 +659,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--cold-method", choices=("create", "update"), default="create")
     p.add_argument("--core-pairs", type=int, default=None, help="pairs per core_bench run (default 1,000,000)")
     p.add_argument("--skip-core", action="store_true")
+    p.add_argument("--skip-cluster", action="store_true", help="skip the cluster-vs-single bench (issue 8)")
     p.add_argument("--ember-url", help="use an already running endpoint instead of starting ember")
     p.add_argument("--no-deploy", action="store_true", help="skip CreateFunction/warm-up and cold starts")
     p.add_argument("--start-timeout", type=float, default=60.0)

@@ -364,6 +364,12 @@ class Etcd:
         raw = self.full_key(prefix)
         return self._watch(raw, aetcd.utils.prefix_range_end(raw), start_revision, queue_size)
 
+    def watch_range(
+        self, start: str, end: str, start_revision: int, *, queue_size: int = WATCH_QUEUE
+    ) -> AsyncIterator[WatchEvent]:
+        """Like watch_prefix, for the keys in [start, end): one ordered stream over several prefixes."""
+        return self._watch(self.full_key(start), self.full_key(end), start_revision, queue_size)
+
     def watch_key(self, key: str, start_revision: int, *, queue_size: int = WATCH_QUEUE) -> AsyncIterator[WatchEvent]:
         """Like watch_prefix, for one key."""
         return self._watch(self.full_key(key), None, start_revision, queue_size)

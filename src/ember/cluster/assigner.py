@@ -37,6 +37,7 @@ PROBE_EVERY_S = 1.0
 FULL_PROBE_EVERY = 5
 CATALOG_WAIT_S = 3.0
 SHARE_EVERY_S = 1.0
+TAIL_WAIT_S = 1.0
 
 
 class Partition:
@@ -71,6 +72,9 @@ class AssignerNode:
         self.stopping = False
         self._tasks: list[asyncio.Task[Any]] = []
         self.elections = 0
+        self.tailed: dict[int, dict[int, bytes]] = {}  # partition -> sandbox -> record: the journal's tail
+        self.tail_rev = 0
+        self.tail_hits = 0  # elections served from the tail
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -84,6 +88,11 @@ class AssignerNode:
             if kv is not None:
                 self._worker_put(key, kv.value, kv.mod_revision)  # the registering put's revision
         self._tasks.append(asyncio.create_task(self._watch_workers(rev + 1)))
+        docs, rev = await self.etcd.get_prefix("journal/")
+        for key, value in docs.items():
+            self._journal_event("put", key, value)
+        self.tail_rev = rev
+        self._tasks.append(asyncio.create_task(self._tail(rev + 1)))
         self._tasks.append(asyncio.create_task(self._lead()))
         self._tasks.append(asyncio.create_task(self._timers()))
         self._tasks.append(asyncio.create_task(self._share()))
@@ -140,6 +149,50 @@ class AssignerNode:
                 log.warning("worker watch failed", extra={"error": str(exc)})
                 await asyncio.sleep(0.5)
 
+    def _journal_event(self, kind: str, key: str, value: bytes | None) -> None:
+        parts = key.split("/")
+        if parts[0] != "journal" or len(parts) != 3:
+            return
+        records = self.tailed.setdefault(int(parts[1]), {})
+        if kind == "put" and value is not None:
+            records[int(parts[2])] = value
+        else:
+            records.pop(int(parts[2]), None)
+
+    async def _tail(self, start: int) -> None:
+        """Followers tail the journal. The watch covers `journal/` and `partitions/` in one ordered
+        stream, so once it has shown our own leader key's creation (revision = our epoch), every journal
+        write of earlier leaders (all fenced below that revision) is in `tailed`."""
+        while not self.stopping:
+            try:
+                async with contextlib.aclosing(self.etcd.watch_range("journal/", "partitions0", start)) as events:
+                    async for ev in events:
+                        start = ev.revision + 1
+                        self._journal_event(ev.type, ev.key, ev.value)
+                        self.tail_rev = ev.revision
+            except EtcdError as exc:
+                log.warning("journal tail failed; re-reading", extra={"error": str(exc)})
+                await asyncio.sleep(0.5)
+                with contextlib.suppress(EtcdError):
+                    docs, rev = await self.etcd.get_prefix("journal/")
+                    self.tailed.clear()
+                    for key, value in docs.items():
+                        self._journal_event("put", key, value)
+                    self.tail_rev = rev
+                    start = rev + 1
+
+    async def _journal_at(self, p: int, epoch: int) -> list[bytes]:
+        """The journal of partition p as a new leader with `epoch` must see it: from the tail once it
+        has caught up to the election, else (bounded wait) with one range read."""
+        deadline = self.loop.time() + TAIL_WAIT_S
+        while self.tail_rev < epoch and self.loop.time() < deadline:
+            await asyncio.sleep(0.005)
+        if self.tail_rev >= epoch:
+            self.tail_hits += 1
+            return list(self.tailed.get(p, {}).values())
+        docs, _ = await self.etcd.get_prefix(layout.journal_prefix(p))
+        return list(docs.values())
+
     async def _lead(self) -> None:
         """One session at a time; with it, campaign for every partition. A lost session deposes all."""
         while not self.stopping:
@@ -170,13 +223,13 @@ class AssignerNode:
             while session.alive:
                 try:
                     epoch = await election.campaign(session, value)
-                    docs, _ = await self.etcd.get_prefix(layout.journal_prefix(part.p))
+                    journal = await self._journal_at(part.p, epoch)
                 except (EtcdError, SessionLost) as exc:
                     log.info("campaign failed", extra={"partition": part.p, "error": str(exc)})
                     await asyncio.sleep(0.2)
                     continue
                 self.elections += 1
-                records = [layout.record_from_json(loads(v)) for v in docs.values()]
+                records = [layout.record_from_json(loads(v)) for v in journal]
                 workers = {w: WorkerInfo(w, i.incarnation, i.capacity_mb) for w, i in self.workers.items()}
                 log.info("elected", extra={"partition": part.p, "epoch": epoch, "journal": len(records)})
                 part.leader.elected(epoch, records, workers, self.loop.time())
@@ -391,7 +444,8 @@ class AssignerNode:
                 entry["waiting"] = len(part.pending)
             parts.append(entry)
         return web.json_response({"role": "assigner", "id": self.id, "pid": os.getpid(), "url": self.url,
-                                  "elections": self.elections, "partitions": parts})
+                                  "elections": self.elections, "elections_from_tail": self.tail_hits,
+                                  "tail_revision": self.tail_rev, "partitions": parts})
 
 
 def _answer(res: Grant | Refuse, worker_urls: dict[str, str]) -> web.Response:
