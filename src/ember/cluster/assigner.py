@@ -125,10 +125,14 @@ class AssignerNode:
         wid = key.removeprefix("workers/")
         doc = loads(value)
         self.worker_urls[wid] = doc["url"]
+        incarnation = int(doc.get("incarnation") or incarnation)  # a later update names its incarnation
         info = WorkerInfo(wid, incarnation, int(doc.get("capacity_mb", 4096)))
+        info.leaving = bool(doc.get("leaving"))
         self.workers[wid] = info
         for part in self.parts:
-            part.leader.worker_joined(WorkerInfo(wid, incarnation, info.capacity_mb), self.loop.time())
+            mine = WorkerInfo(wid, incarnation, info.capacity_mb)
+            mine.leaving = info.leaving
+            part.leader.worker_joined(mine, self.loop.time())
             self._apply(part)
 
     async def _watch_workers(self, start: int) -> None:

@@ -35,6 +35,7 @@ log = logging.getLogger("ember.cluster.worker")
 NOTIFY_TIMEOUT_S = 1.0
 MAX_NOTIFY = 256  # READY/RELEASE/GONE messages in flight; beyond that they are dropped (probes repair)
 CATALOG_WAIT_S = 5.0  # a START for a function revision this worker has not seen yet waits this long
+LEAVE_DRAIN_S = 5.0  # on SIGTERM, how long running invocations may finish before sandboxes are killed
 
 
 class WorkerNode:
@@ -109,6 +110,15 @@ class WorkerNode:
                     await asyncio.sleep(0.5)
 
     async def stop(self) -> None:
+        session = self.session
+        if session is not None and session.alive:  # say we are leaving: placement avoids us from now on
+            doc = {"url": self.url, "capacity_mb": self.capacity_mb, "free_mb": 0, "pid": os.getpid(),
+                   "incarnation": self.host.incarnation, "leaving": True}
+            with contextlib.suppress(EtcdError, SessionLost):
+                await session.register(f"workers/{self.id}", dumps(doc))
+            deadline = self.loop.time() + LEAVE_DRAIN_S
+            while any(p.current is not None for p in self.procs.values()) and self.loop.time() < deadline:
+                await asyncio.sleep(0.05)  # running invocations finish (bounded)
         self.stopping = True
         for task in self._tasks:
             task.cancel()
