@@ -22,7 +22,7 @@ from botocore.auth import SigV4Auth
 from botocore.awsrequest import AWSRequest
 from botocore.credentials import Credentials
 from conftest import EMBER, ROLE, EmberServer, create, make_zip
-from hypothesis import given, settings
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from ember.auth import CredentialsError, bind_refusal, is_loopback, load_credentials
@@ -391,7 +391,10 @@ def test_any_request_target_is_checked_without_crashing(path, host, body, signat
     from ember.errors import LambdaError
 
     target = "/" + path
-    request = make_mocked_request("POST", target, headers={"Host": host})
+    try:
+        request = make_mocked_request("POST", target, headers={"Host": host})
+    except ValueError:  # yarl refuses to build this URL at all (a port that is not a number): no request
+        assume(False)
     try:
         Verifier({KEY: SECRET}).check_signature(request, body, SECRET, "20240101T000000Z",
                                                  ["20240101", "us-east-1", "lambda", "aws4_request"],
