@@ -152,5 +152,6 @@ def test_a_worker_death_ends_every_invocation_and_runs_none_twice(tmp_path: Path
     # in-flight invocations on the dead worker end with an error (they may have run: never re-sent)
     assert res["requests"] == res["ok"] + res["lost"] + res["throttled"] + res["shed"]
     assert all(k in ("-502", "-200") for k in res["errors"]), res["errors"]
+    assert res["removed_after_s"] is not None, "the dead worker's sandboxes never left the journal"
     assert res["duplicates"] == 0, res
     assert res["leaked_sandboxes"] == 0, res

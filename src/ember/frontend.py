@@ -98,6 +98,7 @@ async def _body_json(request: web.Request) -> dict[str, Any]:
 class Frontend:
     def __init__(self, control: ControlPlane, worker: Worker, asyncq: AsyncInvoker | None = None) -> None:
         self.on_change: Callable[[str], Awaitable[None]] | None = None  # cluster mode: publish to etcd
+        self.on_unknown: Callable[[str], Awaitable[bool]] | None = None  # cluster mode: read through to etcd
         self.control = control
         self.worker = worker
         self.asyncq = asyncq
@@ -142,7 +143,12 @@ class Frontend:
         if not self.accepting:
             raise LambdaError(503, "ServiceException", "ember is shutting down")
         headers = request.headers
-        rec = self.control.resolve(request.match_info["name"], request.query.get("Qualifier"))
+        try:
+            rec = self.control.resolve(request.match_info["name"], request.query.get("Qualifier"))
+        except LambdaError as exc:  # cluster mode: another frontend may have just created it
+            if exc.status != 404 or self.on_unknown is None or not await self.on_unknown(request.match_info["name"]):
+                raise
+            rec = self.control.resolve(request.match_info["name"], request.query.get("Qualifier"))
         kind = headers.get("X-Amz-Invocation-Type", "RequestResponse")
         if kind not in ("RequestResponse", "DryRun", "Event"):
             raise invalid(f"Invalid InvocationType {kind!r}: expected RequestResponse, Event or DryRun")

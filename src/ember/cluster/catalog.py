@@ -51,6 +51,16 @@ class Catalog:
             await self.etcd.put(f"code/{sha}/{i}", chunk)
         await self.etcd.put(f"code/{sha}/meta", dumps({"size": len(data), "chunks": len(chunks)}))
 
+    async def fetch(self, raw: str) -> bool:
+        """Read one function through to etcd (an invoke for a name this copy does not know yet, created
+        a moment ago through another frontend). True when it exists now."""
+        name = raw.split("function:", 1)[1].split(":", 1)[0] if "function:" in raw else raw.split(":", 1)[0]
+        kv = await self.etcd.get(f"functions/{name}")
+        if kv is None:
+            return False
+        await self._apply_put(f"functions/{name}", kv.value)
+        return name in self.control.functions
+
     # ------------------------------------------------------------------ following (every role)
 
     async def start(self) -> None:

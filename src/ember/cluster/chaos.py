@@ -148,6 +148,7 @@ async def _inject(cluster: LocalCluster, scenario: str, at: float, fault_s: floa
     elif scenario == "worker-kill":
         cluster.signal(busiest, signal.SIGKILL)
         hit["target"] = busiest
+        hit["removed_after_s"] = await _written_off(cluster, busiest, hit["fault_at"])
     elif scenario == "worker-cut":
         host = cluster.procs[busiest].host
         if host is None:
@@ -167,6 +168,22 @@ async def _inject(cluster: LocalCluster, scenario: str, at: float, fault_s: floa
         raise ValueError(f"unknown scenario {scenario!r}; expected one of {', '.join(SCENARIOS)}")
     hit["fault_end"] = time.time()
     return hit
+
+
+async def _written_off(cluster: LocalCluster, worker: str, since: float, limit_s: float = 30.0) -> float | None:
+    """Seconds from `since` until no journal record names `worker` (its sandboxes left the tables)."""
+    from ember.etcd import connect, loads
+
+    etcd = await connect(cluster.etcd_url)
+    try:
+        while time.time() - since < limit_s:
+            journal, _ = await etcd.get_prefix("journal/")
+            if not any(loads(v)["worker"] == worker for v in journal.values()):
+                return round(time.time() - since, 3)
+            await asyncio.sleep(0.05)
+        return None
+    finally:
+        await etcd.close()
 
 
 async def _leaks(cluster: LocalCluster) -> tuple[int, dict[str, Any]]:
@@ -221,6 +238,7 @@ def _report(scenario: str, load: Load, sink_file: Path, hit: dict[str, Any], lea
         "errors": dict(statuses),
         "executions": sum(runs.values()),
         "target": hit.get("target"),
+        "removed_after_s": hit.get("removed_after_s"),
         "leak_detail": leaks[1],
         "error_samples": load.samples[:5],
         "seconds": round(elapsed, 1),

@@ -97,6 +97,7 @@ async def serve_role(opts: ServeOptions, ro: RoleOptions, stop: asyncio.Event | 
         await invoker.start()
         frontend = Frontend(control, invoker)  # type: ignore[arg-type]
         frontend.on_change = catalog.publish
+        frontend.on_unknown = catalog.fetch
 
         async def status(request: web.Request) -> web.Response:
             return web.json_response({"role": "frontend", "id": node_id, "pid": os.getpid(),
