@@ -184,6 +184,7 @@ def cluster_up(
     from ember.cluster.local import LocalCluster
 
     cluster = LocalCluster(base, assigners, workers, frontends, partitions, lease_ttl, isolation)
+    _signal.pthread_sigmask(_signal.SIG_BLOCK, {_signal.SIGINT, _signal.SIGTERM})  # so sigwait gets them
     cluster.start()
     try:
         typer.echo(f"etcd       {cluster.etcd_url}")
