@@ -432,7 +432,7 @@ class AssignerNode:
         else:
             leader.gone(sid, now, b.get("init_error"))
         self._apply(part)
-        return web.json_response({"ok": True})
+        return _json({"ok": True})
 
     async def status(self, request: web.Request) -> web.Response:
         parts = []
@@ -452,20 +452,23 @@ class AssignerNode:
                                   "tail_revision": self.tail_rev, "partitions": parts})
 
 
+def _json(doc: dict[str, Any], status: int = 200) -> web.Response:
+    return web.Response(body=orjson.dumps(doc), status=status, content_type="application/json")
+
+
 def _answer(res: Grant | Refuse, worker_urls: dict[str, str]) -> web.Response:
     if isinstance(res, Grant):
         url = worker_urls.get(res.worker)
         if url is None:
             return _refusal(Refuse(res.request_id, None, "worker-unknown"))
-        return web.json_response({"sandbox": res.sandbox, "worker": res.worker, "worker_url": url,
-                                  "epoch": res.epoch})
+        return _json({"sandbox": res.sandbox, "worker": res.worker, "worker_url": url, "epoch": res.epoch})
     return _refusal(res)
 
 
 def _refusal(res: Refuse) -> web.Response:
     t = res.throttle
     if t is not None:
-        return web.json_response({"status": t.status, "type": t.error, "reason": t.reason}, status=t.status)
+        return _json({"status": t.status, "type": t.error, "reason": t.reason}, status=t.status)
     status = {"not-leader": 409, "queue-timeout": 429, "queue-full": 429, "deleted": 404}.get(res.reason, 502)
     detail = res.detail if isinstance(res.detail, dict) else str(res.detail or "")
-    return web.json_response({"status": status, "reason": res.reason, "detail": detail}, status=status)
+    return _json({"status": status, "reason": res.reason, "detail": detail}, status=status)

@@ -97,7 +97,7 @@ class ClusterInvoker:
             changed = self.leaders.changed(p)
             status, doc = 0, None
             if leader is not None:
-                status, doc = await self._post_acquire(leader[0], body, changed)
+                status, doc = await self._post_acquire(p, leader[0], body)
             if status == 200:
                 return doc  # type: ignore[return-value]
             if status not in (0, 409):  # the leader's answer: throttled, unknown, or an error
@@ -118,27 +118,19 @@ class ClusterInvoker:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(changed.wait(), pause)
 
-    async def _post_acquire(self, url: str, body: bytes, changed: asyncio.Event) -> tuple[int, Any]:
-        """One attempt: (status, answer), or (0, None) if no answer came before the leader changed."""
+    async def _post_acquire(self, p: int, url: str, body: bytes) -> tuple[int, Any]:
+        """One attempt: (status, answer), or (0, None) if no answer came before the leader changed
+        (the LeaderMap moves this attempt's deadline to now) or within the bound."""
         assert self.http is not None
-        post = asyncio.ensure_future(self.http.post(
-            f"{url}/_cluster/acquire", data=body, headers={"Content-Type": "application/json"},
-            timeout=aiohttp.ClientTimeout(total=self.max_wait_s + 3.0)))
-        moved = asyncio.ensure_future(changed.wait())
         try:
-            done, _ = await asyncio.wait({post, moved}, return_when=asyncio.FIRST_COMPLETED)
-            if post not in done:
-                return 0, None
-            resp = post.result()
-            async with resp:
-                data = await resp.read()
-            return resp.status, orjson.loads(data) if data else None
+            async with asyncio.timeout(self.max_wait_s + 3.0) as deadline:
+                with self.leaders.interrupting(p, deadline):
+                    async with self.http.post(f"{url}/_cluster/acquire", data=body,
+                                              headers={"Content-Type": "application/json"}) as resp:
+                        data = await resp.read()
+                        return resp.status, orjson.loads(data) if data else None
         except (aiohttp.ClientError, TimeoutError, orjson.JSONDecodeError):
             return 0, None
-        finally:
-            moved.cancel()
-            if not post.done():
-                post.cancel()
 
     async def _send(self, call: Call, grant: dict[str, Any], p: int, payload: bytes, inv: Invocation,
                     timeout_s: float) -> Outcome | None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Iterator
 
 from ember.etcd import Etcd, EtcdError, loads
 
@@ -18,6 +19,7 @@ class LeaderMap:
         self.etcd = etcd
         self.leaders: dict[int, tuple[str, int]] = {}  # partition -> (url, epoch)
         self._changed: dict[int, asyncio.Event] = {}
+        self._deadlines: dict[int, set[asyncio.Timeout]] = {}  # attempts to cut short at a change
         self._task: asyncio.Task[None] | None = None
 
     def get(self, p: int) -> tuple[str, int] | None:
@@ -29,6 +31,16 @@ class LeaderMap:
         if ev is None:
             ev = self._changed[p] = asyncio.Event()
         return ev
+
+    @contextlib.contextmanager
+    def interrupting(self, p: int, deadline: asyncio.Timeout) -> Iterator[None]:
+        """While inside, a change of partition p's leader moves `deadline` to now: the attempt ends."""
+        waiting = self._deadlines.setdefault(p, set())
+        waiting.add(deadline)
+        try:
+            yield
+        finally:
+            waiting.discard(deadline)
 
     async def start(self) -> None:
         rev = await self._snapshot()
@@ -62,6 +74,11 @@ class LeaderMap:
         ev = self._changed.pop(p, None)
         if ev is not None:
             ev.set()
+        waiting = self._deadlines.get(p)
+        if waiting:
+            now = asyncio.get_running_loop().time()
+            for deadline in waiting:
+                deadline.reschedule(now)
 
     async def _follow(self, start: int) -> None:
         while True:
