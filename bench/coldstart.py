@@ -8,8 +8,10 @@ first invoke of N freshly created functions, end to end through boto3 (bench/col
     none              --isolation none  --pool 0   (a plain process: the old behaviour)
 
 Bar (issue 4): with isolation on, p50 <= 15 ms and p99 <= 50 ms. `--pace` (default 0.25 s) waits
-before each timed invoke, so cold starts arrive no faster than the pool refills (~80 ms of CPU per
-pre-started runtime); the burst row shows what happens when they do.
+before each timed invoke, so the pool is always full; the burst row issues cold starts back to back,
+faster than a pool of 2 is refilled: each refill is a new bwrap sandbox into which the zygote forks a
+pre-imported runtime (ember.zygote, ~10-25 ms of wall time, mostly waiting), and a cold start that finds
+the pool empty gets one made on the spot (no fresh interpreter, ~70 ms, unless the zygote is down).
 
     .venv/bin/python bench/coldstart.py [-n 40] [--out FILE] [--pace 0.25] [--modes bwrap+pool,bwrap,none]
 
@@ -48,8 +50,8 @@ BAR_P50_MS, BAR_P99_MS = 15.0, 50.0
 
 def measure(endpoint: str, n: int = 40, pace_s: float = 0.0) -> dict[str, Any]:
     """First invoke of `n` new no-op functions on a running ember: p50/p99 and the rest (bench/cold.py's
-    summary). `pace_s`: a pause before each timed invoke, so the pool's background refill (one runtime
-    at a time, ~100 ms of CPU each) can keep up; 0 measures back-to-back cold starts, which drain it."""
+    summary). `pace_s`: a pause before each timed invoke, so the pool's background refill always keeps
+    up; 0 measures back-to-back cold starts, which drain it."""
     if pace_s <= 0:
         return cold.measure_create(endpoint, n)
     client = cold.lambda_client(endpoint)

@@ -257,7 +257,12 @@ async def spawn_off_loop(argv: list[str], **kwargs: Any) -> SpawnedProcess:
 
         def reap(f: asyncio.Future[subprocess.Popen[bytes]]) -> None:
             if not f.cancelled() and f.exception() is None:
-                SpawnedProcess(f.result(), loop).kill()  # its exit is then reaped by the reader
+                process = SpawnedProcess(f.result(), loop)  # its exit is then reaped by the reader
+                with contextlib.suppress(OSError):
+                    if kwargs.get("start_new_session"):
+                        os.killpg(process.pid, signal.SIGKILL)  # bwrap's pid 1 too (see Jail.pgid)
+                    else:
+                        process.kill()
 
         fut.add_done_callback(reap)
         raise
@@ -279,10 +284,22 @@ class Jail:
         self.cgroup = cgroup
         self.child_pid = child_pid  # pid 1 of the sandbox's pid namespace (bwrap's child)
         self.task_dir: Path | None = None  # a pooled sandbox's /var/task on the host
+        # a pidfd of bwrap's pid 1 when bwrap is not in the cgroup (ember.zygote): killed with the rest
+        # (killing bwrap alone does not end its pid 1, whatever --die-with-parent says)
+        self.init_pidfd = -1
+        # bwrap's process group when bwrap is not in the cgroup: its pid 1 waits for bwrap's go-ahead on an
+        # eventfd, and stays stuck there if bwrap is killed first; the group outlives bwrap, not its pid 1
+        self.pgid = -1
         self.oom = False
         self._released = False
 
     def kill(self) -> None:
+        if self.pgid > 0:
+            with contextlib.suppress(OSError):
+                os.killpg(self.pgid, signal.SIGKILL)
+        if self.init_pidfd >= 0:
+            with contextlib.suppress(OSError):
+                signal.pidfd_send_signal(self.init_pidfd, signal.SIGKILL)  # its pid namespace goes with it
         if self.cgroup is not None:
             self.cgroup.kill()
 
@@ -301,6 +318,15 @@ class Jail:
         if self._released:
             return
         self._released = True
+        if self.init_pidfd >= 0 or self.pgid > 0:
+            self.kill()
+            self.pgid = -1
+            if self.init_pidfd >= 0:
+                os.close(self.init_pidfd)
+                self.init_pidfd = -1
+        # bwrap's process group when bwrap is not in the cgroup: its pid 1 waits for bwrap's go-ahead on an
+        # eventfd, and stays stuck there if bwrap is killed first; the group outlives bwrap, not its pid 1
+        self.pgid = -1
         if self.cgroup is not None:
             self.oom = self.cgroup.oom_killed()
             for _ in range(1000):  # a fork bomb's last processes take a moment to exit
@@ -486,8 +512,10 @@ class Isolation:
     ) -> tuple[SpawnedProcess, Jail, int]:
         """Start `argv` in a new sandbox; returns the process, its jail, and (when `block`) the fd to
         write to let the runtime run (after its Runtime API listener exists), else -1. `join_cgroup`
-        False: bwrap and `argv` stay out of the sandbox's cgroup (which is still made and limited), for
-        a payload that runs no function code (ember.zygote puts the runtime it forks there itself)."""
+        False: bwrap and `argv` stay out of the sandbox's cgroup (which is still made and limited), have
+        no rlimits and do not die with ember themselves, for a payload that runs no function code and
+        ends with its runtime (ember.zygote: the runtime it forks goes into the cgroup, with the rlimits,
+        and dies with its keeper, which dies with the zygote, which dies with ember)."""
         assert self.uids is not None
         uid = self.uids.take()
         cgroup = self.cgroups.create() if self.cgroups is not None else None
@@ -517,15 +545,16 @@ class Isolation:
                 stderr=out_fd,
                 start_new_session=True,
                 pass_fds=tuple(fd for fd in (info_w, block_r, seccomp_fd, *extra_fds) if fd >= 0),
+                # none when there is nothing to do in the child: Popen then uses vfork, and ember (a
+                # large process) is neither copied nor write-faulted page by page afterwards
                 preexec_fn=functools.partial(
-                    _enter,
-                    uid,
-                    fds[: len(cgroup.dirs)] if cgroup and join_cgroup else [],
-                    self.cfg.pids_max,
-                    self.cfg.nofile,
-                    False,
-                ),
+                    _enter, uid, fds[: len(cgroup.dirs)] if cgroup else [], self.cfg.pids_max, self.cfg.nofile, False
+                )
+                if join_cgroup
+                else None,
             )
+            if not join_cgroup:
+                jail.pgid = process.pid  # start_new_session: its own group
             for fd in fds:
                 if fd != info_r:
                     os.close(fd)

@@ -42,7 +42,9 @@ POOL_MEMORY_MB = 128  # the cgroup limit while pooled (Lambda's smallest MemoryS
 USE_ZYGOTE = os.environ.get("EMBER_ZYGOTE", "1") != "0"  # 0: every pooled runtime is a fresh interpreter
 START_FILL_S = 10.0
 BOOST_DECAY_S = 30.0
-REFILL_DELAY_S = 0.01  # a refill costs the event loop ~2 ms (the fork itself): after the cold start's own work
+# a refill costs ember little (bwrap is vfork'ed off the event loop), but it runs while the cold start
+# that took a runtime finishes: not at the same moment
+REFILL_DELAY_S = float(os.environ.get("EMBER_REFILL_DELAY", "0.01"))
 
 # Runs inside the sandbox as `python -c ZYGOTE READY_FD`. Kept as a string so no ember file needs to
 # be visible in the sandbox.
@@ -340,6 +342,7 @@ class Pool:
             theirs.remove(payload_end)
             pidfd = sandbox_pidfd(jail.child_pid, process)
             theirs.append(pidfd)
+            jail.init_pidfd = os.dup(pidfd)
             procs = jail.cgroup.open_procs() if jail.cgroup is not None else []
             theirs += procs
             cfg = self.iso.cfg

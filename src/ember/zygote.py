@@ -170,6 +170,9 @@ def _serve_one():
 def _keeper(req, fds):
     # runs as root in ember's namespaces; stays out of the sandbox's, except its pid namespace for children
     signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    _prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG: dies with the zygote (which dies with ember)
+    if os.getppid() != _ZYGOTE:
+        os._exit(1)
     pidfd, ctl, out, ready, status, *procs = fds
     code = 126
     try:
@@ -197,6 +200,9 @@ def _keeper(req, fds):
         os.write(status, b"%d\n" % code)
     finally:
         os._exit(0)
+
+
+_ZYGOTE = os.getpid()
 
 
 def _main_loop():
