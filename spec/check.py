@@ -37,7 +37,7 @@ SPEC_DIR = Path(__file__).resolve().parent
 MODEL = SPEC_DIR / "ember.pml"
 
 MEMLIM_MB = 3000            # per pan process; two run in parallel
-HASH_BITS = "-w25"          # 2^25 slots; the largest run stores ~8M states
+HASH_BITS = "-w25"          # 2^25 slots; the largest run stores ~8.5M states
 SAFETY = ["-DSAFETY", "-DNOCLAIM"]   # assertions + invalid end states
 LTL = ["-DNFAIR=3"]
 LTL_DEPTH = "-m1000000"     # nested DFS with fairness goes deep
@@ -93,7 +93,7 @@ def _mutant(name: str, flag: str, checks: str, claim: str | None = None,
     return Run(name, "mutant", checks, tuple(defines), tuple(args))
 
 
-SAFE = "(a) (b) (c) (d)"
+SAFE = "(a) (b) (c) (d) (f)"
 RUNS: list[Run] = [
     # ---- safety (a)-(d): exhaustive, one run per fault combination ----------
     _safety("safety-nr3-early", SAFE + " 3 requests, 1 early timer", nr=3, early=1),
@@ -113,6 +113,12 @@ RUNS: list[Run] = [
             nr=2, lf=2),
     _safety("safety-nr2-election-all", SAFE + " 2 requests, initial election + all faults",
             nr=2, lf=1, wf=1, drop=1, election=True),
+    # F4: two probes in flight need two early timers (a timer on `timeout`
+    # finds every answer delivered).  3 requests with 2 early timers is ~24M
+    # states (README), so this run uses 2 requests and (f), the cause of the
+    # (b) violation F4 led to.
+    _safety("safety-nr2-early2", SAFE + " 2 requests, 2 early timers (two probes in flight, F4)",
+            nr=2, early=2),
     # ---- liveness and (e) no leak: LTL -------------------------------------
     _ltl("ltl-live-nr2-all", "p_live", "liveness: every request completes or errors",
          nr=2, lf=1, wf=1, drop=1),
@@ -128,6 +134,11 @@ RUNS: list[Run] = [
          nr=3, early=1),
     _ltl("ltl-noleak-fair-nr2-leader-drop", "p_noleak", "(e) under weak fairness",
          fair=True, nr=2, lf=1, drop=1),
+    # F5: an early probe's write-off plus a lost message leaves an orphan
+    _ltl("ltl-noleak-nr2-early-drop", "p_noleak", "(e), early timer + 1 drop (F5)",
+         nr=2, early=1, drop=1),
+    _ltl("ltl-live-nr2-early-drop", "p_live", "liveness, early timer + 1 drop",
+         nr=2, early=1, drop=1),
     # ---- mutants: each must yield a counterexample -------------------------
     _mutant("mutant-no-fencing", "MUTANT_NO_FENCING", "(d) fencing", nr=2, lf=1),
     _mutant("mutant-accept-busy", "MUTANT_ACCEPT_BUSY", "(a) one invocation per sandbox",
@@ -136,10 +147,12 @@ RUNS: list[Run] = [
             nr=2, lf=1),
     _mutant("mutant-resend-payload", "MUTANT_RESEND_PAYLOAD", "(c) at most once",
             nr=2, drop=1),
-    _mutant("mutant-no-incarnation", "MUTANT_NO_INCARNATION", "(b) reserved concurrency",
-            nr=3, wf=1),
-    _mutant("mutant-stale-probe", "MUTANT_STALE_PROBE", "(b) reserved concurrency",
-            nr=3, early=1),
+    _mutant("mutant-no-incarnation", "MUTANT_NO_INCARNATION",
+            "(f), the first step to a (b) violation", nr=3, wf=1),
+    _mutant("mutant-stale-probe", "MUTANT_STALE_PROBE",
+            "(f), the first step to a (b) violation", nr=3, early=1),
+    _mutant("mutant-no-probe-number", "MUTANT_NO_PROBE_NUMBER",
+            "(f) no write-off of a running sandbox (F4)", nr=2, early=2),
     # LTL mutants run without -f: their counterexamples end in a state where
     # every process is blocked (stutter-extended), which is trivially fair;
     # Spin's -f search does not report such stutter counterexamples.
@@ -149,6 +162,8 @@ RUNS: list[Run] = [
             claim="p_noleak", nr=2, lf=1, wf=1),
     _mutant("mutant-no-client-timeout", "MUTANT_NO_CLIENT_TIMEOUT", "liveness",
             claim="p_live", nr=2, drop=1),
+    _mutant("mutant-no-full-probe", "MUTANT_NO_FULL_PROBE", "(e) no leak (F5)",
+            claim="p_noleak", nr=2, early=1, drop=1),
 ]
 BY_NAME = {r.name: r for r in RUNS}
 

@@ -53,7 +53,14 @@
  *       - a serving leader probes (SYNC) workers of sandboxes it believes
  *         BUSY/STARTING (timed_out): the worker's inventory is the truth,
  *         except for sandboxes the leader changed itself since it sent the
- *         probe (refinement F3, README).
+ *         probe (refinement F3, README).  Every probe has a number; SYNC
+ *         carries it and the worker echoes it in INV.  The leader remembers
+ *         per sandbox the number of the latest probe covering it, and an
+ *         inventory overrides a sandbox only if its number is that one
+ *         (refinement F4, README);
+ *       - now and then a serving leader probes EVERY worker about EVERY
+ *         sandbox it knows (full_probe, "anti-entropy"); the inventories
+ *         list orphans, which get DESTROY (refinement F5, README).
  * R12 A leader watches the worker session keys: a new incarnation means
  *     the worker restarted and all its sandboxes are gone (sandbox_exited).
  *
@@ -72,7 +79,11 @@
  *                            than its own later change of the sandbox
  *   MUTANT_NO_INCARNATION    worker runs a START sent to its previous
  *                            incarnation
- *   MUTANT_NO_PROBE          serving leader never probes stale BUSY
+ *   MUTANT_NO_PROBE          serving leader never probes (neither
+ *                            timed_out nor full_probe)
+ *   MUTANT_NO_PROBE_NUMBER   a probe answer applies to every sandbox in
+ *                            ANY probe, not only the latest one (F4 removed)
+ *   MUTANT_NO_FULL_PROBE     no periodic full probe (F5 removed)
  *   MUTANT_UNFENCED_JOURNAL  journal txn does not compare the leader key
  * ------------------------------------------------------------------------
  */
@@ -113,8 +124,8 @@
 #define START   6   /* [worker d]   e=epoch x=sandbox y=worker incarnation */
 #define READY   7   /* [assigner d] e=epoch x=sandbox (to current leader) */
 #define RELEASE 8   /* [assigner d] e=epoch x=sandbox y=request          */
-#define SYNC    9   /* [worker d]   e=epoch x=assigner                   */
-#define INV     10  /* [assigner d] e=epoch x=worker y=idle|busy<<3      */
+#define SYNC    9   /* [worker d]   e=epoch x=assigner p=probe (0: reconcile) */
+#define INV     10  /* [assigner d] e=epoch x=worker y=idle|busy<<3 p=probe echoed */
 #define DESTROY 11  /* [worker d]   e=epoch x=sandbox                    */
 
 
@@ -136,7 +147,9 @@ byte winc[NW];                  /* worker session incarnation            */
 byte role[NA];
 byte myep[NA];                  /* epoch this assigner won               */
 byte synced[NA];                /* bitmask of workers reconciled         */
-byte pmask[NA];                 /* sandboxes probed and untouched since (F3) */
+byte pnum[NA*NS];               /* latest probe covering the sandbox, 0 if none
+                                   or touched since (F3, F4)                  */
+byte pctr[NA];                  /* number of the last probe sent (F4)       */
 byte wseen[NA*NW];              /* worker incarnations at election       */
 #define L_NONE     0
 #define L_STARTING 1
@@ -146,6 +159,16 @@ byte lt[NA*NS];                 /* leader table: busy/idle per sandbox   */
 byte lrq[NA*NS];                /* request holding the sandbox / NONE    */
 #define LT(a,s)  lt[(a)*NS+(s)]
 #define LRQ(a,s) lrq[(a)*NS+(s)]
+#define PN(a,s)  pnum[(a)*NS+(s)]
+/* Probe numbers count modulo PMOD = MAX_EARLY+1 (values 1..PMOD, 0 = "in
+ * no probe").  This is enough: while a probe's SYNC or INV is in flight a
+ * timer can only fire early (timeout needs every message delivered), so at
+ * most MAX_EARLY newer probes can be sent before that INV arrives, and a
+ * number is never reused while an answer carrying it is in flight.     */
+#define PMOD (MAX_EARLY+1)
+#if PMOD > 7
+#error "probe numbers are packed in 3 bits: MAX_EARLY must be < 7"
+#endif
 
 /* ---------------- workers (source of truth) -------------------------- */
 #define W_ABSENT 0
@@ -176,31 +199,34 @@ byte outcomes[NR];              /* results/errors handed to the client   */
 byte serving_ep;                /* highest epoch that reached SERVING    */
 
 /* scratch (always reset to 0 before an atomic step ends) */
-byte k, i, j, n, i2, mt, md, me, mx, my;
+byte k, i, j, n, i2, mt, mp, md, me, mx, my;
 int nkey;
 
 /* ---------------- helpers -------------------------------------------- */
 /* The network is an unordered bag of messages.  A message is packed into
- * one int: t<<24 | d<<16 | e<<8 | x<<6 | y.  The bag is kept sorted
+ * one int: t<<27 | p<<24 | d<<16 | e<<8 | x<<6 | y (p: probe number of a
+ * SYNC/INV, 0 otherwise).  The bag is kept sorted
  * (descending, empty slots = 0 last), so two states holding the same
  * multiset of messages are the same state.  Receivers may take ANY slot,
  * so delivery order is arbitrary.                                        */
 int net[NSLOT];
 byte nn;                        /* messages in flight = used slots        */
-#define MT(K) (net[K] >> 24)
+#define MT(K) (net[K] >> 27)
+#define MP(K) ((net[K] >> 24) & 7)
 #define MD(K) ((net[K] >> 16) & 255)
 #define ME(K) ((net[K] >> 8) & 255)
 #define MX(K) ((net[K] >> 6) & 3)
 #define MY(K) (net[K] & 63)
 
-inline send(T, D, E, X, Y) {    /* append; settle() restores the order    */
+inline sendp(T, D, E, X, Y, P) { /* append; settle() restores the order   */
   assert(nn < NSLOT);           /* network capacity is large enough       */
-  net[nn] = (T << 24) | (D << 16) | (E << 8) | (X << 6) | Y;
+  net[nn] = (T << 27) | (P << 24) | (D << 16) | (E << 8) | (X << 6) | Y;
   nn++
 }
+inline send(T, D, E, X, Y) { sendp(T, D, E, X, Y, 0) }
 
 inline take(K) {                /* remove message K into scratch mt..my   */
-  mt = MT(K); md = MD(K); me = ME(K); mx = MX(K); my = MY(K);
+  mt = MT(K); mp = MP(K); md = MD(K); me = ME(K); mx = MX(K); my = MY(K);
   remove(K)
 }
 
@@ -223,10 +249,18 @@ inline settle() {               /* insertion sort, descending             */
   i2 = 0; n = 0; nkey = 0
 }
 
-inline clear_scratch() { settle(); k = 0; i = 0; j = 0; n = 0; mt = 0; md = 0; me = 0; mx = 0; my = 0 }
+inline clear_scratch() { settle(); k = 0; i = 0; j = 0; n = 0; mt = 0; mp = 0; md = 0; me = 0; mx = 0; my = 0 }
 
 /* one d_step option per network slot: a receiver may take ANY message */
 #define SLOTS(OPT) OPT(0) OPT(1) OPT(2) OPT(3) OPT(4) OPT(5) OPT(6) OPT(7) OPT(8) OPT(9)
+
+/* sandbox s: the journal, the worker and the table of leader a agree:
+ * live and idle / live and busy / not live and gone everywhere */
+#define CONS(a,s) ((jst[s] == J_LIVE && ws[s] == W_IDLE && lt[a*NS+s] == L_IDLE) || \
+                   (jst[s] == J_LIVE && ws[s] == W_BUSY && lt[a*NS+s] == L_BUSY) || \
+                   (jst[s] != J_LIVE && ws[s] == W_ABSENT && lt[a*NS+s] == L_NONE))
+/* some sandbox where they disagree (guard of a_full_probe) */
+#define DIVERGED(a) (!(CONS(a,0) && CONS(a,1) && CONS(a,2)))
 
 /* Timers (R11).  A timer normally fires on `timeout`, i.e. when nothing
  * else can move ("a long time passed").  MAX_EARLY times in a run a timer
@@ -310,10 +344,10 @@ inline busy_count() {
 }
 
 inline wipe() {                 /* forget all in-memory leader state     */
-  role[a] = FOLLOWER; myep[a] = 0; synced[a] = 0; pmask[a] = 0;
+  role[a] = FOLLOWER; myep[a] = 0; synced[a] = 0; pctr[a] = 0;
   j = 0;
   do
-  :: j < NS -> LT(a,j) = L_NONE; LRQ(a,j) = 0; j++
+  :: j < NS -> LT(a,j) = L_NONE; LRQ(a,j) = 0; PN(a,j) = 0; j++
   :: else -> break
   od;
   j = 0;
@@ -333,6 +367,7 @@ inline wipe() {                 /* forget all in-memory leader state     */
 
 /* mark sandbox j dead in journal and table; fail a waiting cold start */
 inline sandbox_dead() {
+  assert(ws[j] != W_BUSY);     /* property (f): never write off a running sandbox */
   jst[j] = J_DEAD;
   if
   :: LT(a,j) == L_STARTING -> send(FAIL, LRQ(a,j), 0, 0, 0)
@@ -341,15 +376,21 @@ inline sandbox_dead() {
   LT(a,j) = L_NONE; LRQ(a,j) = 0; touch(j)
 }
 
-#ifdef MUTANT_STALE_PROBE
+/* may the probe answer in scratch (number mp) override sandbox S?      */
+#if defined(MUTANT_STALE_PROBE)
 #define PROBED(S) (true)
+#elif defined(MUTANT_NO_PROBE_NUMBER)
+#define PROBED(S) (mp != 0 && PN(a,S) != 0)              /* any probe (F3 only) */
 #else
-#define PROBED(S) ((pmask[a] >> (S)) & 1)
+#define PROBED(S) (mp != 0 && PN(a,S) == mp)             /* the latest one (F4) */
 #endif
 
 /* F3: the leader changed sandbox S itself: a probe answer in flight is
  * older than that change and must not override it */
-inline touch(S) { pmask[a] = pmask[a] & ~(1 << S) }
+inline touch(S) { PN(a,S) = 0 }
+
+/* a new probe: its number (F4), modulo PMOD */
+inline new_probe() { pctr[a] = pctr[a] % PMOD + 1 }
 
 /* message handler of assigner a for the message in scratch mt..my */
 inline a_handle() {
@@ -421,11 +462,13 @@ inline a_handle() {
           :: LT(a,mx) == L_BUSY && (LRQ(a,mx) == my || LRQ(a,mx) == NONE) ->
                printf("a_release a=%d s=%d r=%d\n", a, mx, my);
                LT(a,mx) = L_IDLE; LRQ(a,mx) = NONE; touch(mx)
+          :: LT(a,mx) == L_NONE && jst[mx] != J_LIVE ->      /* written off while it ran */
+               printf("a_destroy_orphan a=%d s=%d\n", a, mx); send(DESTROY, jw[mx], myep[a], mx, 0)
           :: else
           fi
      /* ---- a_inventory(worker mx, idle|busy<<3 my): reconcile / probe -- */
      :: mt == INV ->
-          printf("a_inventory a=%d w=%d idle=%d busy=%d\n", a, mx, my & 7, my >> 3);
+          printf("a_inventory a=%d w=%d idle=%d busy=%d probe=%d\n", a, mx, my & 7, my >> 3, mp);
           j = 0;
           do
           :: j < NS ->
@@ -520,22 +563,39 @@ end:
        if :: !(synced[a] & 2) -> send(SYNC, 1, myep[a], a, 0) :: else fi; settle() }
 #ifndef MUTANT_NO_PROBE
   /* ---- a_timed_out: probe the workers of sandboxes believed BUSY or
-   *      STARTING; their inventory is the truth -------------------------- */
+   *      STARTING; their inventory is the truth (F3, F4) ------------------ */
   :: d_step { TIMER && role[a] == SERVING &&
        (LT(a,0) == L_BUSY || LT(a,0) == L_STARTING ||
         LT(a,1) == L_BUSY || LT(a,1) == L_STARTING ||
         LT(a,2) == L_BUSY || LT(a,2) == L_STARTING) ->
-       timer_fired(); printf("a_timed_out a=%d\n", a);
+       timer_fired(); new_probe(); printf("a_timed_out a=%d probe=%d\n", a, pctr[a]);
        i = 0; j = 0;
        do
        :: j < NS -> if :: LT(a,j) == L_BUSY || LT(a,j) == L_STARTING ->
-                          i = i | (1 << jw[j]); pmask[a] = pmask[a] | (1 << j)
+                          i = i | (1 << jw[j]); PN(a,j) = pctr[a]
                        :: else fi; j++
        :: else -> break
        od;
-       if :: i & 1 -> send(SYNC, 0, myep[a], a, 0) :: else fi;
-       if :: i & 2 -> send(SYNC, 1, myep[a], a, 0) :: else fi;
+       if :: i & 1 -> sendp(SYNC, 0, myep[a], a, 0, pctr[a]) :: else fi;
+       if :: i & 2 -> sendp(SYNC, 1, myep[a], a, 0, pctr[a]) :: else fi;
        i = 0; j = 0; settle() }
+#ifndef MUTANT_NO_FULL_PROBE
+  /* ---- a_full_probe: the periodic anti-entropy timer probes EVERY worker
+   *      about EVERY sandbox in the table; orphans get DESTROY (F5).  The
+   *      model lets it fire only while a worker or the journal disagrees
+   *      with the table (DIVERGED): a firing when all agree changes nothing
+   *      but probe numbers, and an unguarded `timeout` timer could fire
+   *      forever at quiescence, a spurious cycle for the LTL runs -------- */
+  :: d_step { TIMER && role[a] == SERVING && DIVERGED(a) ->
+       timer_fired(); new_probe(); printf("a_full_probe a=%d probe=%d\n", a, pctr[a]);
+       j = 0;
+       do
+       :: j < NS -> if :: LT(a,j) != L_NONE -> PN(a,j) = pctr[a] :: else fi; j++
+       :: else -> break
+       od;
+       sendp(SYNC, 0, myep[a], a, 0, pctr[a]); sendp(SYNC, 1, myep[a], a, 0, pctr[a]);
+       j = 0; settle() }
+#endif
 #endif
   /* ---- a_worker_restarted: the etcd watch shows a new incarnation of a
    *      worker's session key: all its sandboxes are gone (sandbox_exited) */
@@ -630,8 +690,8 @@ inline w_handle() {
                          fi; j++
             :: else -> break
             od;
-            printf("w_sync w=%d to a=%d ep=%d\n", w, mx, me);
-            send(INV, mx, me, w, i)
+            printf("w_sync w=%d to a=%d ep=%d probe=%d\n", w, mx, me, mp);
+            sendp(INV, mx, me, w, i, mp)                   /* echo the probe number (F4) */
        :: else
        fi
   /* ---- w_destroy(sandbox mx, epoch me) -------------------------------- */
@@ -680,7 +740,7 @@ inline worker_crash(W) {        /* restart empty, re-read epoch (R8)      */
 }
 
 #define DROP_OPT(K) :: d_step { drops < MAX_DROP && net[K] != 0 -> drops++;\
-  printf("f_drop t=%d d=%d e=%d x=%d y=%d\n", MT(K), MD(K), ME(K), MX(K), MY(K)); remove(K); settle() }
+  printf("f_drop t=%d d=%d e=%d x=%d y=%d p=%d\n", MT(K), MD(K), ME(K), MX(K), MY(K), MP(K)); remove(K); settle() }
 
 active proctype Env() {
 end:
@@ -689,10 +749,10 @@ end:
    *      expires and frees the leader key -------------------------------- */
   :: d_step { lfaults < MAX_LFAULT && ld != NONE ->
        lease_expiry(); printf("f_leader_crash a=%d\n", i);
-       role[i] = FOLLOWER; myep[i] = 0; synced[i] = 0; pmask[i] = 0;
+       role[i] = FOLLOWER; myep[i] = 0; synced[i] = 0; pctr[i] = 0;
        j = 0;
        do
-       :: j < NS -> lt[i*NS+j] = L_NONE; lrq[i*NS+j] = 0; j++
+       :: j < NS -> lt[i*NS+j] = L_NONE; lrq[i*NS+j] = 0; pnum[i*NS+j] = 0; j++
        :: else -> break
        od;
        wseen[i*NW+0] = 0; wseen[i*NW+1] = 0;
@@ -734,7 +794,7 @@ init {
 }
 
 /* =====================================================================
- * Properties (LTL).  Safety (a)-(d) are the asserts above.
+ * Properties (LTL).  Safety (a)-(d) and (f) are the asserts above.
  * ===================================================================== */
 #define DONE(r) (fst[r] == F_OK || fst[r] == F_ERR || fst[r] == F_THR)
 #if NR == 3
@@ -743,11 +803,6 @@ init {
 #define ALL_DONE (DONE(0) && DONE(1))
 #endif
 
-/* sandbox s: the journal, the worker and the table of leader a agree:
- * live and idle / live and busy / not live and gone everywhere */
-#define CONS(a,s) ((jst[s] == J_LIVE && ws[s] == W_IDLE && lt[a*NS+s] == L_IDLE) || \
-                   (jst[s] == J_LIVE && ws[s] == W_BUSY && lt[a*NS+s] == L_BUSY) || \
-                   (jst[s] != J_LIVE && ws[s] == W_ABSENT && lt[a*NS+s] == L_NONE))
 #define CONS_A(a) (ld == a && role[a] == SERVING && CONS(a,0) && CONS(a,1) && CONS(a,2))
 #define CONSISTENT (CONS_A(0) || CONS_A(1))
 

@@ -66,8 +66,13 @@ def test_spin_is_installed() -> None:
 def test_runs_are_defined() -> None:
     assert len(PROPERTIES) >= 8
     flags = {d for r in check.RUNS if r.kind == "mutant" for d in r.defines}
-    for required in ("-DMUTANT_NO_FENCING", "-DMUTANT_ACCEPT_BUSY", "-DMUTANT_NO_RECONCILE"):
+    for required in ("-DMUTANT_NO_FENCING", "-DMUTANT_ACCEPT_BUSY", "-DMUTANT_NO_RECONCILE",
+                     "-DMUTANT_NO_PROBE_NUMBER", "-DMUTANT_NO_FULL_PROBE"):
         assert required in flags
+    # F4 needs two probes in flight (two early timers), F5 an early timer together with a drop
+    assert any("-DMAX_EARLY=2" in r.defines for r in check.RUNS if r.kind == "property")
+    assert any({"-DMAX_EARLY=1", "-DMAX_DROP=1"} <= set(r.defines) and "-N" in r.pan_args
+               and "p_noleak" in r.pan_args for r in check.RUNS if r.kind == "property")
 
 
 @pytest.mark.parametrize("name", PROPERTIES)
