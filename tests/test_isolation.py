@@ -1,5 +1,6 @@
 """Sandbox isolation (ember.isolation, ember.cgroups, ember.pool): each escape is denied and every
-other function keeps working. Runs the real `ember serve --isolation bwrap`; in CI nothing skips."""
+other function keeps working. Runs the real `ember serve --isolation bwrap` and `--isolation unshare`
+(util-linux; the same promises but the pool); in CI nothing skips."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import threading
 import urllib.request
 from collections.abc import Iterator
@@ -16,9 +18,11 @@ from pathlib import Path
 import pytest
 from conftest import EmberServer, create, pid_alive, wait_for
 
-CAN_ISOLATE = os.geteuid() == 0 and shutil.which("bwrap") is not None
+CAN_ISOLATE = os.geteuid() == 0 and all(shutil.which(b) for b in ("bwrap", "unshare", "setpriv"))
+MODES = ("bwrap", "unshare")
 pytestmark = pytest.mark.skipif(
-    not CAN_ISOLATE and os.environ.get("CI") != "true", reason="needs root and bubblewrap (CI must have both)"
+    not CAN_ISOLATE and os.environ.get("CI") != "true",
+    reason="needs root, bubblewrap and util-linux (CI must have them)",
 )
 
 CANARY = """
@@ -69,11 +73,13 @@ def tail(resp) -> str:
     return base64.b64decode(resp.get("LogResult", "")).decode(errors="replace")
 
 
-@pytest.fixture(scope="module")
-def iso(tmp_path_factory) -> Iterator[EmberServer]:
+@pytest.fixture(scope="module", params=MODES)
+def iso(request, tmp_path_factory) -> Iterator[EmberServer]:
+    mode = request.param
     srv = EmberServer(
-        tmp_path_factory.mktemp("iso") / "data", "--isolation", "bwrap", "--ephemeral-storage", "8", "--pool", "1"
+        tmp_path_factory.mktemp("iso") / "data", "--isolation", mode, "--ephemeral-storage", "8", "--pool", "1"
     ).start()
+    srv.mode = mode  # type: ignore[attr-defined]
     lam = srv.client()
     create(lam, "canary", CANARY)
     create(lam, "probe", PROBE, Timeout=10)
@@ -113,7 +119,14 @@ def uids_alive(uid: int) -> list[int]:
 
 def test_health_reports_isolation(iso: EmberServer) -> None:
     health = json.loads(urllib.request.urlopen(iso.url + "/health").read())
-    assert re.fullmatch(r"bwrap\+cgroup-v[12]", health["isolation"]["mode"])
+    if iso.mode == "bwrap":  # type: ignore[attr-defined]
+        assert re.fullmatch(r"bwrap\+cgroup-v[12]", health["isolation"]["mode"])
+        assert "pool" in health["isolation"]
+    else:  # says what it lacks, and runs no pool
+        assert re.fullmatch(
+            r"unshare\+cgroup-v[12] \(NOTE: no bubblewrap: .*pre-started runtimes.*\)", health["isolation"]["mode"]
+        )
+        assert "pool" not in health["isolation"]
     assert health["isolation"]["ephemeral_mb"] == 8
 
 
@@ -311,8 +324,9 @@ def test_memory_limit_is_out_of_memory_and_the_sandbox_is_replaced(iso: EmberSer
     canary_works(lam)
 
 
-def test_nothing_left_after_shutdown(tmp_path: Path) -> None:
-    srv = EmberServer(tmp_path / "data", "--isolation", "bwrap", "--pool", "2").start()
+@pytest.mark.parametrize("mode", MODES)
+def test_nothing_left_after_shutdown(tmp_path: Path, mode: str) -> None:
+    srv = EmberServer(tmp_path / "data", "--isolation", mode, "--pool", "2").start()
     lam = srv.client()
     create(
         lam,
@@ -337,6 +351,50 @@ def test_nothing_left_after_shutdown(tmp_path: Path) -> None:
     assert str(tmp_path) not in mounts
 
 
+@pytest.mark.parametrize("mode", MODES)
+def test_sandboxes_die_with_ember(tmp_path: Path, mode: str) -> None:
+    """ember SIGKILLed: no sandbox process outlives it (parent-death signals, --die-with-parent/--kill-child)."""
+    srv = EmberServer(tmp_path / "data", "--isolation", mode, "--pool", "0").start()
+    lam = srv.client()
+    create(
+        lam,
+        "orphan",
+        """
+        import os, subprocess
+        def handler(event, context):
+            subprocess.Popen(["sleep", "300"], start_new_session=True)
+            return {"uid": os.getuid()}
+        """,
+    )
+    uid = payload(lam.invoke(FunctionName="orphan"))["uid"]
+    assert uids_alive(uid)
+    srv.stop(signal.SIGKILL)
+    assert wait_for(lambda: not uids_alive(uid), 10)
+
+
+def test_auto_falls_back_to_unshare_then_to_none(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without a working bwrap, `auto` isolates with unshare(1) (and says so); without either, none (warned)."""
+    monkeypatch.setenv("EMBER_BWRAP", str(tmp_path / "no-bwrap"))
+    for expect, marker in (("unshare", "NOTE: no bubblewrap"), ("none", "NOT isolated")):
+        if expect == "none":
+            monkeypatch.setenv("EMBER_UNSHARE", str(tmp_path / "no-unshare"))
+        srv = EmberServer(tmp_path / expect, "--isolation", "auto", "--pool", "0").start()
+        try:
+            mode = json.loads(urllib.request.urlopen(srv.url + "/health").read())["isolation"]["mode"]
+            assert mode.startswith(expect + "+") and marker in mode, mode
+            lam = srv.client()
+            create(lam, "who", "import os\ndef handler(e, c):\n    return os.getuid()\n")
+            uid = payload(lam.invoke(FunctionName="who"))
+            assert (uid >= 200_000) if expect == "unshare" else (uid == os.geteuid())
+        finally:
+            srv.stop()
+        assert marker in srv.stderr()
+    # asked for explicitly, a mode that does not work is an error, not a silent downgrade
+    srv = EmberServer(tmp_path / "explicit", "--isolation", "unshare")
+    with pytest.raises(RuntimeError):
+        srv.start()
+
+
 def test_without_isolation_a_loud_warning(tmp_path: Path) -> None:
     srv = EmberServer(tmp_path / "data", "--isolation", "none").start()
     try:
@@ -351,6 +409,8 @@ def test_without_isolation_a_loud_warning(tmp_path: Path) -> None:
 
 
 def test_pooled_runtimes_carry_nothing_between_functions(iso: EmberServer) -> None:
+    if iso.mode != "bwrap":  # type: ignore[attr-defined]
+        pytest.skip("unshare mode runs no pool")
     lam = iso.client()
     src = """
     import os, sys

@@ -39,7 +39,9 @@ def serve(
         bool, typer.Option("--insecure", help="Allow a non-loopback --host without --auth.")
     ] = False,
     isolation: str = typer.Option(
-        "auto", "--isolation", help="Sandbox isolation: auto (bwrap when it works), bwrap, or none (warned)."
+        "auto",
+        "--isolation",
+        help="Sandbox isolation: auto (bwrap, else unshare, else none), bwrap, unshare (no pool), or none (warned).",
     ),
     pool: int = typer.Option(2, "--pool", min=0, help="Pre-started python runtimes kept ready (0: none)."),
     ephemeral_storage: int = typer.Option(

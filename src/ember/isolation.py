@@ -12,9 +12,11 @@ event loop thread, for the few microseconds a socket() and bind() take), at 127.
 Lambda. So a sandbox reaches its own Runtime API and nothing else: not ember's API port, not another
 sandbox's Runtime API, not the host's services. The price: no outbound network from functions.
 
-Modes, chosen at startup (`--isolation auto|bwrap|none`): `bwrap` when /usr/bin/bwrap works, else
-`none`: a plain process with rlimits, its own uid when ember runs as root, a cgroup when there is one,
-and a loud warning at startup and in /health.
+Modes, chosen at startup (`--isolation auto|bwrap|unshare|none`): `bwrap` when /usr/bin/bwrap works,
+else `unshare` when util-linux's unshare(1) and setpriv(1) work (both need root): the same namespaces,
+uid, view, seccomp filter and cgroups, built by a small python helper (`UNSHARE_HELPER`) instead of
+bwrap, and no pool of pre-started runtimes; else `none`: a plain process with rlimits, a cgroup when
+there is one, and a loud warning at startup and in /health.
 """
 
 from __future__ import annotations
@@ -65,7 +67,7 @@ _libc = ctypes.CDLL(None, use_errno=True)
 
 @dataclass(slots=True)
 class IsolationConfig:
-    mode: str = "auto"  # auto | bwrap | none
+    mode: str = "auto"  # auto | bwrap | unshare | none
     pool: int = 2  # pre-started python runtimes kept ready (0: none)
     ephemeral_mb: int = 512  # the size of each sandbox's /tmp (Lambda's default ephemeral storage)
     pids_max: int = 1024  # processes and threads per sandbox (Lambda's limit)
@@ -173,12 +175,146 @@ def seccomp_program() -> bytes:
     return b"".join(struct.pack("=HBBI", *ins) for ins in prog)
 
 
+def _env_file(env: dict[str, str]) -> int:
+    """`env` as a shell file to source (`export K='v'` lines) in a memfd; names a shell cannot export are
+    left out (Lambda's own rule, [A-Za-z][A-Za-z0-9_]+, excludes them anyway)."""
+    lines = [
+        f"export {k}='" + v.replace("'", "'\\''") + "'\n"
+        for k, v in env.items()
+        if k.isascii() and (k[:1].isalpha() or k[:1] == "_") and k.replace("_", "a").isalnum()
+    ]
+    fd = os.memfd_create("ember-env", os.MFD_CLOEXEC)
+    os.write(fd, "".join(lines).encode())
+    os.lseek(fd, 0, os.SEEK_SET)
+    return fd
+
+
 def _seccomp_fd(program: bytes) -> int:
     """A fresh fd holding the filter (bwrap reads it to the end, so one per sandbox)."""
     fd = os.memfd_create("ember-seccomp", os.MFD_CLOEXEC)
     os.write(fd, program)
     os.lseek(fd, 0, os.SEEK_SET)
     return fd
+
+
+# `--isolation unshare`: runs as root, as pid 1 of the sandbox's new pid namespace, inside the new mount,
+# net, ipc, uts and cgroup namespaces unshare(1) made: `python -I -S -c UNSHARE_HELPER CONFIG_JSON`.
+# It builds the sandbox's root on a tmpfs (the same view as bwrap's: CONFIG["ops"]), pivots into it,
+# makes every mount but /tmp and /proc read-only, reports its host pid (the netns to open the Runtime
+# API listener in) on the info fd, waits for ember's go-ahead on the block fd, sets no_new_privs and
+# the seccomp filter, and execs a shell as pid 1 that starts `setpriv ... -- RUNTIME` (the sandbox's
+# uid, no groups, no capabilities, empty bounding set) and exits with its status, as bwrap does.
+UNSHARE_HELPER = r"""
+import ctypes, json, os, re, sys
+cfg = json.loads(sys.argv[1])
+libc = ctypes.CDLL(None, use_errno=True)
+libc.mount.argtypes = [ctypes.c_char_p] * 3 + [ctypes.c_ulong, ctypes.c_char_p]
+libc.umount2.argtypes = [ctypes.c_char_p, ctypes.c_int]
+libc.prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong]
+libc.syscall.argtypes = [ctypes.c_long, ctypes.c_char_p, ctypes.c_char_p]
+RDONLY, NOSUID, NODEV, NOEXEC, REMOUNT, BIND, REC, PRIVATE = 1, 2, 4, 8, 32, 4096, 16384, 1 << 18
+def ok(rc, what):
+    if rc != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, "%s: %s" % (what, os.strerror(err)))
+def mount(src, dst, fstype, flags, data=None):
+    enc = lambda v: v.encode() if v is not None else None
+    ok(libc.mount(enc(src), enc(dst), enc(fstype), flags, enc(data)), "mount %s" % dst)
+host_pid = int(os.readlink("/proc/self"))  # still the host's /proc: ember's view of this process
+os.umask(0)
+mount(None, "/", None, REC | PRIVATE)
+root = cfg["root"]
+mount("tmpfs", root, "tmpfs", NOSUID | NODEV, "mode=0755,size=1m")
+def at(path):
+    return root + path
+def parent(path):
+    os.makedirs(os.path.dirname(at(path)), 0o755, exist_ok=True)
+for op in cfg["ops"]:
+    kind, args = op[0], op[1:]
+    if kind == "dir":
+        os.makedirs(at(args[0]), int(args[1], 8), exist_ok=True)
+    elif kind == "symlink":
+        parent(args[1])
+        os.symlink(args[0], at(args[1]))
+    elif kind in ("bind", "bind-try"):
+        src, dst = args
+        if kind == "bind-try" and not os.path.exists(src):
+            continue
+        if os.path.isdir(src):
+            os.makedirs(at(dst), 0o755, exist_ok=True)
+        else:
+            parent(dst)
+            os.close(os.open(at(dst), os.O_CREAT | os.O_WRONLY, 0o644))
+        mount(src, at(dst), None, BIND | REC)
+    elif kind == "tmpfs":
+        os.makedirs(at(args[0]), 0o755, exist_ok=True)
+        mount("tmpfs", at(args[0]), "tmpfs", NOSUID | NODEV, "size=%s,mode=%s" % (args[1], args[2]))
+    elif kind == "proc":
+        os.makedirs(at("/proc"), 0o755, exist_ok=True)
+        mount("proc", at("/proc"), "proc", NOSUID | NODEV | NOEXEC)  # this pid namespace's
+    elif kind == "dev":
+        os.makedirs(at("/dev"), 0o755, exist_ok=True)
+        mount("tmpfs", at("/dev"), "tmpfs", NOSUID, "mode=0755,size=64k")
+        for name in ("null", "zero", "full", "random", "urandom", "tty"):
+            os.close(os.open(at("/dev/" + name), os.O_CREAT | os.O_WRONLY, 0o666))
+            mount("/dev/" + name, at("/dev/" + name), None, BIND)
+        for name, target in (("fd", "/proc/self/fd"), ("stdin", "/proc/self/fd/0"),
+                             ("stdout", "/proc/self/fd/1"), ("stderr", "/proc/self/fd/2")):
+            os.symlink(target, at("/dev/" + name))
+        os.mkdir(at("/dev/shm"), 0o1777)
+# everything read-only but /tmp and /proc (their own flags kept; nothing is setuid in here)
+writable = (at("/tmp"), at("/proc"))
+flag_of = {"nosuid": NOSUID, "nodev": NODEV, "noexec": NOEXEC}
+for line in open("/proc/self/mountinfo").read().splitlines():
+    fields = line.split()
+    point = re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), fields[4])  # \040 is a space
+    if not (point == root or point.startswith(root + "/")):
+        continue
+    if any(point == w or point.startswith(w + "/") for w in writable):
+        continue
+    flags = REMOUNT | BIND | RDONLY | NOSUID
+    for opt in fields[5].split(","):
+        flags |= flag_of.get(opt, 0)
+    mount(None, point, None, flags)
+ok(libc.sethostname(b"sandbox", 7), "sethostname")
+import fcntl, socket, struct
+with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:  # the new netns's loopback starts down
+    fcntl.ioctl(s, 0x8914, struct.pack("16sH14x", b"lo", 0x1 | 0x8 | 0x40))  # SIOCSIFFLAGS: UP LOOPBACK RUNNING
+os.chdir(root)
+ok(libc.syscall(cfg["pivot_root"], b".", b"."), "pivot_root")
+ok(libc.umount2(b".", 2), "umount the host's root")  # MNT_DETACH
+os.chdir("/var/task")
+os.write(cfg["info_fd"], json.dumps({"child-pid": host_pid}).encode())
+os.close(cfg["info_fd"])
+if cfg["block_fd"] >= 0:
+    if not os.read(cfg["block_fd"], 1):
+        os._exit(1)  # ember gave up on this sandbox
+    os.close(cfg["block_fd"])
+ok(libc.prctl(38, 1, 0, 0, 0), "no_new_privs")
+seccomp = bytes.fromhex(cfg["seccomp"])
+if seccomp:
+    class Fprog(ctypes.Structure):
+        _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.c_void_p)]
+    buf = ctypes.create_string_buffer(seccomp, len(seccomp))
+    prog = Fprog(len(seccomp) // 8, ctypes.addressof(buf))
+    ok(libc.prctl(22, 2, ctypes.addressof(prog), 0, 0), "seccomp")  # PR_SET_SECCOMP, SECCOMP_MODE_FILTER
+# The function's environment is a file on env_fd, sourced by the sandbox's uid right before it execs the
+# runtime: nothing running as root here ever has it (LD_PRELOAD and the like), nor any command line.
+# A shell's background command gets /dev/null as its stdin: it gets ours on a spare fd. dash names fds 0-9.
+keep, env_fd = set(cfg["keep"]), cfg["env_fd"]
+spares = sorted(set(range(3, 10)) - keep - {env_fd})
+if not 3 <= env_fd <= 9:
+    os.dup2(env_fd, spares[0])
+    os.close(env_fd)
+    env_fd = spares.pop(0)
+stdin = spares[0]
+os.dup2(0, stdin)
+runtime = 'unset PATH PWD; . /dev/fd/%d || exit 126; exec "$@" %d<&-' % (env_fd, env_fd)
+script = '"$@" 0<&%d %d<&- & exec %d<&- %d<&-; wait "$!"' % (stdin, stdin, stdin, env_fd)
+argv = ["sh", "-c", script, "sh", *cfg["argv"], "/bin/sh", "-c", runtime, "sh", *sys.argv[2:]]
+os.execve("/bin/sh", argv, {"PATH": "/usr/bin:/bin"})
+"""
+_PIVOT_ROOT = {"x86_64": 155, "aarch64": 41}
 
 
 def _enter(uid: int, cgroup_fds: list[int], pids_max: int, nofile: int, drop: bool, address_mb: int = 0) -> None:
@@ -309,7 +445,7 @@ class Jail:
     async def exited(self, returncode: int) -> int:
         """The sandbox's main process is gone: kill what is left, note an OOM kill, release.
         Returns the status to report: bwrap exits 128+N when the runtime died of signal N."""
-        if self.iso.mode == "bwrap" and returncode > 128 and returncode - 128 in (6, 9, 11, 15):
+        if self.iso.mode in ("bwrap", "unshare") and returncode > 128 and returncode - 128 in (6, 9, 11, 15):
             returncode = -(returncode - 128)
         await self.release()
         return returncode
@@ -348,7 +484,10 @@ class Isolation:
     def __init__(self, cfg: IsolationConfig, data_dir: Path) -> None:
         self.cfg = cfg
         self.data_dir = data_dir.resolve()
-        self.bwrap = shutil.which("bwrap") or ""
+        # EMBER_BWRAP / EMBER_UNSHARE: another binary (or a missing one, to test the fallbacks)
+        self.bwrap = os.environ.get("EMBER_BWRAP") or shutil.which("bwrap") or ""
+        self.unshare = os.environ.get("EMBER_UNSHARE") or shutil.which("unshare") or ""
+        self.setpriv = shutil.which("setpriv") or "/usr/bin/setpriv"
         self.root = os.geteuid() == 0
         self.mode = self._choose(cfg.mode)
         self.cgroups: Cgroups | None = None
@@ -359,14 +498,22 @@ class Isolation:
         self.warning = ""
 
     def _choose(self, wanted: str) -> str:
-        if wanted not in ("auto", "bwrap", "none"):
-            raise ValueError(f"unknown isolation mode {wanted!r} (auto, bwrap or none)")
+        if wanted not in ("auto", "bwrap", "unshare", "none"):
+            raise ValueError(f"unknown isolation mode {wanted!r} (auto, bwrap, unshare or none)")
         if wanted == "none":
             return "none"
-        usable = bool(self.bwrap) and self.root and _bwrap_works(self.bwrap)
-        if wanted == "bwrap" and not usable:
-            raise RuntimeError("--isolation bwrap: bubblewrap is missing or unusable (or ember is not root)")
-        return "bwrap" if usable else "none"
+        if wanted in ("auto", "bwrap"):
+            usable = bool(self.bwrap) and self.root and _bwrap_works(self.bwrap)
+            if usable:
+                return "bwrap"
+            if wanted == "bwrap":
+                raise RuntimeError("--isolation bwrap: bubblewrap is missing or unusable (or ember is not root)")
+        usable = bool(self.unshare) and self.root and _unshare_works(self.unshare, self.setpriv)
+        if usable and os.uname().machine in _PIVOT_ROOT:
+            return "unshare"
+        if wanted == "unshare":
+            raise RuntimeError("--isolation unshare: unshare/setpriv are missing or unusable (or ember is not root)")
+        return "none"
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -380,14 +527,22 @@ class Isolation:
                     log.warning("cgroups unusable", extra={"error": str(exc)})
                     self.cgroups = None
             self.uids = UidRange()
-        if self.mode == "bwrap":
+        if self.mode in ("bwrap", "unshare"):
             self._prepare_bwrap()
+        if self.mode == "unshare":
+            self._prepare_unshare()
         if self.mode == "none" or self.cgroups is None:
             self.warning = (
                 "WARNING: sandboxes are NOT isolated from each other or from ember"
                 if self.mode == "none"
                 else "WARNING: no usable cgroups: memory and pids limits are not enforced"
             )
+        elif self.mode == "unshare":
+            self.warning = (
+                "NOTE: no bubblewrap: sandboxes are isolated by unshare(1)+setpriv (same namespaces, uid, view, "
+                "seccomp filter and cgroups) but without pre-started runtimes: every cold start starts an interpreter"
+            )
+        if self.warning:
             log.warning(self.warning, extra={"isolation": self.describe()})
             print(f"ember: {self.warning} (isolation: {self.describe()})", file=sys.stderr, flush=True)
         if self.mode == "bwrap" and self.cfg.pool > 0:
@@ -420,7 +575,6 @@ class Isolation:
     def _prepare_bwrap(self) -> None:
         """The part of every sandbox's view that is the same for all: system dirs, a few files of
         /etc, the interpreter (its prefix and the venv, wherever they are)."""
-        self.setpriv = shutil.which("setpriv") or "/usr/bin/setpriv"
         args: list[str] = []
         for top in ("/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32"):
             if os.path.islink(top):
@@ -484,6 +638,67 @@ class Isolation:
         drop = [self.setpriv, f"--reuid={uid}", f"--regid={uid}", "--clear-groups", "--inh-caps=-all"]
         return [*argv, "--", *drop, "--"]
 
+    # ------------------------------------------------------------------ unshare
+
+    def _prepare_unshare(self) -> None:
+        """bwrap's static view (`_static_args`) as the helper's operations, and an empty directory to
+        mount each sandbox's root tmpfs on (only inside the sandbox's own mount namespace)."""
+        ops: list[list[str]] = []
+        args, mode = self._static_args, "0755"
+        i = 0
+        while i < len(args):
+            flag = args[i]
+            if flag == "--perms":
+                mode, i = args[i + 1], i + 2
+                continue
+            if flag == "--dir":
+                ops.append(["dir", args[i + 1], mode])
+                i += 2
+            elif flag in ("--symlink", "--ro-bind", "--ro-bind-try"):
+                kind = {"--symlink": "symlink", "--ro-bind": "bind", "--ro-bind-try": "bind-try"}[flag]
+                ops.append([kind, args[i + 1], args[i + 2]])
+                i += 3
+            else:
+                raise AssertionError(f"unexpected bwrap argument {flag}")
+            mode = "0755"
+        self._unshare_ops = ops
+        base = Path("/run/ember") if os.access("/run", os.W_OK) else Path("/tmp/ember-uids")
+        self._unshare_root = base / "sandbox-root"
+        self._unshare_root.mkdir(mode=0o700, parents=True, exist_ok=True)
+
+    def unshare_argv(
+        self, uid: int, task_dir: str, info_fd: int, block_fd: int, env_fd: int, keep: tuple[int, ...]
+    ) -> list[str]:
+        """unshare(1) makes the namespaces (it dies with ember: its parent-death signal is set before
+        exec, and --kill-child takes the sandbox's pid 1 with it); UNSHARE_HELPER does the rest."""
+        ops = [
+            ["tmpfs", "/tmp", str(self.cfg.ephemeral_mb * 1024 * 1024), "1777"],  # first, as for bwrap
+            *self._unshare_ops,
+            ["proc"],
+            ["dev"],
+            ["bind", task_dir, TASK_ROOT],
+        ]
+        drop = [
+            self.setpriv, f"--reuid={uid}", f"--regid={uid}", "--clear-groups",
+            "--bounding-set=-all", "--inh-caps=-all", "--ambient-caps=-all", "--no-new-privs", "--",
+        ]  # fmt: skip
+        cfg = {
+            "root": str(self._unshare_root),
+            "ops": ops,
+            "pivot_root": _PIVOT_ROOT[os.uname().machine],
+            "info_fd": info_fd,
+            "block_fd": block_fd,
+            "seccomp": self._seccomp.hex(),
+            "env_fd": env_fd,
+            "keep": list(keep),
+            "argv": drop,
+        }
+        return [
+            self.unshare, "--mount", "--pid", "--fork", "--ipc", "--uts", "--net", "--cgroup", "--kill-child",
+            "--propagation", "private", "--",
+            sys.executable, "-I", "-S", "-c", UNSHARE_HELPER, orjson.dumps(cfg).decode(),
+        ]  # fmt: skip
+
     def inside(self, argv: list[str]) -> list[str]:
         """argv as the sandbox sees paths: a runtime bound away from /tmp is named at its new place."""
         moved = getattr(self, "_moved", None)
@@ -529,22 +744,31 @@ class Isolation:
                     fds += cgroup.open_procs()
             info_r, info_w = os.pipe2(os.O_CLOEXEC)
             fds += [info_r, info_w]
-            seccomp_fd = _seccomp_fd(self._seccomp) if self._seccomp else -1
+            unshare = self.mode == "unshare"  # the helper takes the filter in its config, not as an fd
+            seccomp_fd = _seccomp_fd(self._seccomp) if self._seccomp and not unshare else -1
             if seccomp_fd >= 0:
                 fds.append(seccomp_fd)
             block_r = -1
             if block:
                 block_r, block_w = os.pipe2(os.O_CLOEXEC)
                 fds.append(block_r)
+            env_fd = -1
+            if unshare:  # the environment goes by a file, to the sandbox's uid only (see UNSHARE_HELPER)
+                env_fd = _env_file(env)
+                fds.append(env_fd)
+                env = {"PATH": "/usr/bin:/bin"}
+                head = self.unshare_argv(uid, task_dir, info_w, block_r, env_fd, extra_fds)
+            else:
+                head = self.bwrap_argv(uid, task_dir, info_w, block_r if block else None, seccomp_fd)
             process = await spawn_off_loop(
-                [*self.bwrap_argv(uid, task_dir, info_w, block_r if block else None, seccomp_fd), *self.inside(argv)],
+                [*head, *self.inside(argv)],
                 cwd="/",
                 env=env,
                 stdin=stdin if stdin is not None else subprocess.DEVNULL,
                 stdout=out_fd,
                 stderr=out_fd,
                 start_new_session=True,
-                pass_fds=tuple(fd for fd in (info_w, block_r, seccomp_fd, *extra_fds) if fd >= 0),
+                pass_fds=tuple(fd for fd in (info_w, block_r, seccomp_fd, env_fd, *extra_fds) if fd >= 0),
                 # none when there is nothing to do in the child: Popen then uses vfork, and ember (a
                 # large process) is neither copied nor write-faulted page by page afterwards
                 preexec_fn=functools.partial(
@@ -763,4 +987,20 @@ def _bwrap_works(bwrap: str) -> bool:
         return False
     if done.returncode != 0:
         log.warning("bubblewrap does not work here", extra={"stderr": done.stderr.decode(errors="replace")})
+    return done.returncode == 0
+
+
+def _unshare_works(unshare: str, setpriv: str) -> bool:
+    """Check once that unshare(1) can make the sandbox's namespaces and setpriv(1) can drop to a uid."""
+    check = [
+        unshare, "--mount", "--pid", "--fork", "--ipc", "--uts", "--net", "--cgroup", "--kill-child", "--",
+        setpriv, "--reuid=65534", "--regid=65534", "--clear-groups", "--bounding-set=-all", "--inh-caps=-all",
+        "--ambient-caps=-all", "--no-new-privs", "--", "/bin/true",
+    ]  # fmt: skip
+    try:
+        done = subprocess.run(check, capture_output=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return False
+    if done.returncode != 0:
+        log.warning("unshare/setpriv do not work here", extra={"stderr": done.stderr.decode(errors="replace")})
     return done.returncode == 0
