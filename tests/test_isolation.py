@@ -5,6 +5,7 @@ other function keeps working. Runs the real `ember serve --isolation bwrap` and 
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import os
 import re
@@ -446,3 +447,102 @@ def test_no_user_namespaces_inside(iso: EmberServer) -> None:
     body = payload(lam.invoke(FunctionName="probe", Payload=json.dumps({"userns": True})))
     assert body["userns"] == [-1, 1]  # EPERM
     canary_works(lam)
+
+
+PRELOAD_C = r"""
+#include <fcntl.h>
+#include <stdio.h>
+#include <unistd.h>
+__attribute__((constructor)) static void ember_preload_probe(void) {
+    char exe[256] = "", line[512];
+    ssize_t n = readlink("/proc/self/exe", exe, sizeof exe - 1);
+    if (n > 0) exe[n] = 0;
+    int len = snprintf(line, sizeof line, "%d %d %s\n", (int)getuid(), (int)getpid(), exe);
+    int fd = open("LOG", O_WRONLY | O_APPEND | O_CREAT, 0666);  /* the function's /tmp, inside a sandbox */
+    if (fd >= 0) { write(fd, line, len); close(fd); }
+    fd = open("MARKER", O_WRONLY | O_APPEND | O_CREAT, 0644);  /* only reachable from the host */
+    if (fd >= 0) { write(fd, line, len); close(fd); }
+}
+"""
+
+PRELOAD_APP = """
+import os, subprocess
+def handler(event, context):
+    subprocess.run(["/bin/true"], check=True)  # a child of the runtime loads LD_PRELOAD too (as the sandbox uid)
+    try:
+        log = open("LOG").read()
+    except FileNotFoundError:
+        log = ""
+    return {"uid": os.getuid(), "pid": os.getpid(), "log": log, "env": dict(os.environ)}
+"""
+
+TRICKY = 'it\'s "$HOME" `id` $(id) \\ ${X:-y} !\nsecond line\n'
+
+
+@pytest.mark.parametrize("pooled", [False, True], ids=["fresh", "pooled"])
+def test_ld_preload_never_reaches_a_root_process(iso: EmberServer, tmp_path: Path, pooled: bool) -> None:
+    """A function's environment is the runtime's only (ENV_EXEC): its LD_PRELOAD, naming a library in its own
+    code both at /var/task and at the host path of its code dir (DATA_DIR/code/<sha256>, which the API
+    tells), is loaded by the runtime and its children as the sandbox's uid, never by bwrap, unshare(1), the
+    helper or setpriv, which run as root (on the host, or in the sandbox before the uid drop)."""
+    mode = iso.mode  # type: ignore[attr-defined]
+    if pooled and mode != "bwrap":
+        pytest.skip("unshare mode runs no pool")
+    import hashlib
+    import io
+    import subprocess
+    import zipfile
+
+    token = f"{mode}-{'pooled' if pooled else 'fresh'}-{os.getpid()}"
+    log, marker = f"/tmp/ember-preload-{token}.log", tmp_path / "ran-outside-the-sandbox"
+    src = tmp_path / "preload.c"
+    src.write_text(PRELOAD_C.replace("LOG", log).replace("MARKER", str(marker)))
+    subprocess.run(["gcc", "-shared", "-fPIC", "-O1", "-o", str(tmp_path / "preload.so"), str(src)], check=True)
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as z:
+        z.writestr("app.py", PRELOAD_APP.replace("LOG", log))
+        info = zipfile.ZipInfo("preload.so")
+        info.external_attr = 0o100755 << 16
+        z.writestr(info, (tmp_path / "preload.so").read_bytes())
+    code = buf.getvalue()
+    host_so = iso.data_dir.resolve() / "code" / hashlib.sha256(code).hexdigest() / "preload.so"
+    env = {"LD_PRELOAD": f"/var/task/preload.so:{host_so}", "TRICKY": TRICKY, "QUOTE": "'", "EMPTY": ""}
+    if not pooled:
+        env["PYTHONDONTWRITEBYTECODE"] = "1"  # PYTHON*: a fresh runtime, not a pooled one
+    lam = iso.client()
+    name = f"preload-{'pooled' if pooled else 'fresh'}"
+
+    def pool_stat(key: str) -> int:
+        return json.loads(urllib.request.urlopen(iso.url + "/health").read())["isolation"]["pool"][key]
+
+    try:
+        lam.create_function(
+            FunctionName=name, Runtime="python3.12", Handler="app.handler", Role="arn:aws:iam::000000000000:role/x",
+            Code={"ZipFile": code}, Environment={"Variables": env}, Timeout=10,
+        )  # fmt: skip
+        assert host_so.is_file()  # the attack's premise: the library is at a host path root could load
+        if mode == "bwrap":
+            assert wait_for(lambda: pool_stat("idle") >= 1, 30)
+            taken = pool_stat("taken")
+        resp = lam.invoke(FunctionName=name)
+        assert "FunctionError" not in resp, tail(resp)
+        body = payload(resp)
+        if mode == "bwrap":
+            assert pool_stat("taken") == taken + (1 if pooled else 0)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(log)  # written on the host only if a host process loaded the library
+    assert not marker.exists(), "a process outside the sandbox loaded the function's LD_PRELOAD:\n" + (
+        marker.read_text() if marker.exists() else ""
+    )
+    lines = [line.split(" ", 2) for line in body["log"].splitlines()]
+    assert lines, "the function's own processes must still load its LD_PRELOAD"
+    assert all(int(uid) == body["uid"] != 0 for uid, _pid, _exe in lines), body["log"]
+    if not pooled:  # a fresh runtime is exec'd with the environment: it loads the library itself
+        assert any(int(pid) == body["pid"] for _uid, pid, _exe in lines), body["log"]
+    assert any(exe.endswith("/true") for _uid, _pid, exe in lines), body["log"]
+    seen = body["env"]
+    for key, value in env.items():
+        assert seen.get(key) == value, key
+    assert seen["AWS_LAMBDA_RUNTIME_API"] == "127.0.0.1:9001" and seen["AWS_LAMBDA_FUNCTION_NAME"] == name
+    assert not {"PWD", "SHLVL", "_"} & set(seen) - set(env), sorted(seen)

@@ -175,9 +175,21 @@ def seccomp_program() -> bytes:
     return b"".join(struct.pack("=HBBI", *ins) for ins in prog)
 
 
+# How a function's environment reaches its runtime, in every isolated mode: never in the environment of a
+# process running as root (bwrap, unshare(1), UNSHARE_HELPER, setpriv before it drops the uid: a function's
+# LD_PRELOAD, LD_LIBRARY_PATH, GCONV_PATH... would be honoured as root, with the function's code at a path it
+# can predict), nor on a command line. The sandbox starts with stdin = `_env_file(env)` and stdout = the
+# runtime's stdin (stderr is its output); root processes run with PATH only. Right before exec'ing the runtime,
+# a shell running as the sandbox's uid (after setpriv) sources the file and moves stdin and stdout back, so
+# the runtime gets exactly `env` and the usual fds 0, 1, 2. Only fds 0-2 can be placed at a known number in
+# the child without a preexec_fn (Popen's stdio), and dash names no fd above 9: hence fd 0 and 1.
+ENV_EXEC = ["/bin/sh", "-c", 'unset PATH PWD; . /dev/fd/0 || exit 126; exec "$@" 0<&1 1>&2', "sh"]
+ENV_PATH = {"PATH": "/usr/bin:/bin"}  # all that root processes of a sandbox get
+
+
 def _env_file(env: dict[str, str]) -> int:
-    """`env` as a shell file to source (`export K='v'` lines) in a memfd; names a shell cannot export are
-    left out (Lambda's own rule, [A-Za-z][A-Za-z0-9_]+, excludes them anyway)."""
+    """`env` as a shell file to source (`export K='v'` lines) in a memfd (see ENV_EXEC); names a shell cannot
+    export are left out (Lambda's own rule, [A-Za-z][A-Za-z0-9_]+, excludes them anyway)."""
     lines = [
         f"export {k}='" + v.replace("'", "'\\''") + "'\n"
         for k, v in env.items()
@@ -202,7 +214,7 @@ def _seccomp_fd(program: bytes) -> int:
 # It builds the sandbox's root on a tmpfs (the same view as bwrap's: CONFIG["ops"]), pivots into it,
 # makes every mount but /tmp and /proc read-only, reports its host pid (the netns to open the Runtime
 # API listener in) on the info fd, waits for ember's go-ahead on the block fd, sets no_new_privs and
-# the seccomp filter, and execs a shell as pid 1 that starts `setpriv ... -- RUNTIME` (the sandbox's
+# the seccomp filter, and execs a shell as pid 1 that starts `setpriv ... -- ENV_EXEC RUNTIME` (the sandbox's
 # uid, no groups, no capabilities, empty bounding set) and exits with its status, as bwrap does.
 UNSHARE_HELPER = r"""
 import ctypes, json, os, re, sys
@@ -298,20 +310,14 @@ if seccomp:
     buf = ctypes.create_string_buffer(seccomp, len(seccomp))
     prog = Fprog(len(seccomp) // 8, ctypes.addressof(buf))
     ok(libc.prctl(22, 2, ctypes.addressof(prog), 0, 0), "seccomp")  # PR_SET_SECCOMP, SECCOMP_MODE_FILTER
-# The function's environment is a file on env_fd, sourced by the sandbox's uid right before it execs the
-# runtime: nothing running as root here ever has it (LD_PRELOAD and the like), nor any command line.
-# A shell's background command gets /dev/null as its stdin: it gets ours on a spare fd. dash names fds 0-9.
-keep, env_fd = set(cfg["keep"]), cfg["env_fd"]
-spares = sorted(set(range(3, 10)) - keep - {env_fd})
-if not 3 <= env_fd <= 9:
-    os.dup2(env_fd, spares[0])
-    os.close(env_fd)
-    env_fd = spares.pop(0)
-stdin = spares[0]
-os.dup2(0, stdin)
-runtime = 'unset PATH PWD; . /dev/fd/%d || exit 126; exec "$@" %d<&-' % (env_fd, env_fd)
-script = '"$@" 0<&%d %d<&- & exec %d<&- %d<&-; wait "$!"' % (stdin, stdin, stdin, env_fd)
-argv = ["sh", "-c", script, "sh", *cfg["argv"], "/bin/sh", "-c", runtime, "sh", *sys.argv[2:]]
+# fd 0 is the function's environment (an `_env_file`) and fd 1 the runtime's stdin, until the sandbox's uid
+# sources the one and moves the other back (`ENV_EXEC`, cfg["runtime"]): nothing running as root here ever has
+# the environment (LD_PRELOAD and the like), nor any command line. A shell's background command gets /dev/null
+# as its stdin: it gets fd 0 on a spare fd (dash names fds 0-9), and pid 1 keeps none of it.
+spare = min(set(range(3, 10)) - set(cfg["keep"]))
+os.dup2(0, spare)
+script = '"$@" 0<&%d %d<&- & exec 0</dev/null %d<&-; wait "$!"' % (spare, spare, spare)
+argv = ["sh", "-c", script, "sh", *cfg["argv"], *cfg["runtime"], *sys.argv[2:]]
 os.execve("/bin/sh", argv, {"PATH": "/usr/bin:/bin"})
 """
 _PIVOT_ROOT = {"x86_64": 155, "aarch64": 41}
@@ -636,7 +642,7 @@ class Isolation:
         if seccomp_fd >= 0:
             argv += ["--seccomp", str(seccomp_fd)]
         drop = [self.setpriv, f"--reuid={uid}", f"--regid={uid}", "--clear-groups", "--inh-caps=-all"]
-        return [*argv, "--", *drop, "--"]
+        return [*argv, "--", *drop, "--", *ENV_EXEC]
 
     # ------------------------------------------------------------------ unshare
 
@@ -666,9 +672,7 @@ class Isolation:
         self._unshare_root = base / "sandbox-root"
         self._unshare_root.mkdir(mode=0o700, parents=True, exist_ok=True)
 
-    def unshare_argv(
-        self, uid: int, task_dir: str, info_fd: int, block_fd: int, env_fd: int, keep: tuple[int, ...]
-    ) -> list[str]:
+    def unshare_argv(self, uid: int, task_dir: str, info_fd: int, block_fd: int, keep: tuple[int, ...]) -> list[str]:
         """unshare(1) makes the namespaces (it dies with ember: its parent-death signal is set before
         exec, and --kill-child takes the sandbox's pid 1 with it); UNSHARE_HELPER does the rest."""
         ops = [
@@ -689,9 +693,9 @@ class Isolation:
             "info_fd": info_fd,
             "block_fd": block_fd,
             "seccomp": self._seccomp.hex(),
-            "env_fd": env_fd,
             "keep": list(keep),
             "argv": drop,
+            "runtime": ENV_EXEC,
         }
         return [
             self.unshare, "--mount", "--pid", "--fork", "--ipc", "--uts", "--net", "--cgroup", "--kill-child",
@@ -752,23 +756,21 @@ class Isolation:
             if block:
                 block_r, block_w = os.pipe2(os.O_CLOEXEC)
                 fds.append(block_r)
-            env_fd = -1
-            if unshare:  # the environment goes by a file, to the sandbox's uid only (see UNSHARE_HELPER)
-                env_fd = _env_file(env)
-                fds.append(env_fd)
-                env = {"PATH": "/usr/bin:/bin"}
-                head = self.unshare_argv(uid, task_dir, info_w, block_r, env_fd, extra_fds)
+            env_fd = _env_file(env)  # to the sandbox's uid only: see ENV_EXEC
+            fds.append(env_fd)
+            if unshare:
+                head = self.unshare_argv(uid, task_dir, info_w, block_r, extra_fds)
             else:
                 head = self.bwrap_argv(uid, task_dir, info_w, block_r if block else None, seccomp_fd)
             process = await spawn_off_loop(
                 [*head, *self.inside(argv)],
                 cwd="/",
-                env=env,
-                stdin=stdin if stdin is not None else subprocess.DEVNULL,
-                stdout=out_fd,
+                env=dict(ENV_PATH),
+                stdin=env_fd,
+                stdout=stdin if stdin is not None else subprocess.DEVNULL,  # ENV_EXEC moves them back
                 stderr=out_fd,
                 start_new_session=True,
-                pass_fds=tuple(fd for fd in (info_w, block_r, seccomp_fd, env_fd, *extra_fds) if fd >= 0),
+                pass_fds=tuple(fd for fd in (info_w, block_r, seccomp_fd, *extra_fds) if fd >= 0),
                 # none when there is nothing to do in the child: Popen then uses vfork, and ember (a
                 # large process) is neither copied nor write-faulted page by page afterwards
                 preexec_fn=functools.partial(
