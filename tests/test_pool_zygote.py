@@ -220,3 +220,88 @@ def test_everything_dies_with_ember(tmp_path) -> None:
     time.sleep(1.0)  # the invoke is under way (no assertion on it)
     srv.stop(signal.SIGKILL)
     assert wait_for(lambda: not _processes_mentioning(data) and not any(_alive(p) for p in zygotes), 15)
+
+
+# Runs as `python -c UNDER_SUBREAPER DATA_DIR PORT SIGNAL` in a process of its own (never pytest's: a
+# subreaper adopts every orphan below it): like systemd, tini or bench/run.py, it adopts what ember
+# leaves behind. Starts ember, makes cold starts pooled (forked by the zygote) and not (a PYTHON*
+# variable starts a fresh interpreter), signals ember, then waits (bounded, WITHOUT reaping: a reaper
+# that is slow to reap must not keep anything alive) until no adopted process is alive. Prints what
+# was left alive as JSON, then cleans up.
+UNDER_SUBREAPER = r"""
+import ctypes, io, json, os, signal, subprocess, sys, threading, time, zipfile
+import boto3
+from botocore.config import Config
+ctypes.CDLL(None, use_errno=True).prctl(36, 1, 0, 0, 0)  # PR_SET_CHILD_SUBREAPER
+data, port, sig = sys.argv[1], sys.argv[2], int(sys.argv[3])
+ember = subprocess.Popen([sys.executable, "-m", "ember.cli", "serve", "--port", port, "--data-dir", data,
+                          "--isolation", "bwrap", "--pool", "2"],
+                         stdout=subprocess.PIPE, stderr=open(data + ".log", "w"), text=True)
+assert ember.stdout.readline().startswith("ember listening"), "ember did not start"
+lam = boto3.client("lambda", endpoint_url="http://127.0.0.1:" + port, region_name="us-east-1",
+                   aws_access_key_id="x", aws_secret_access_key="y",
+                   config=Config(retries={"max_attempts": 0}, read_timeout=60))
+buf = io.BytesIO()
+with zipfile.ZipFile(buf, "w") as z:
+    z.writestr("app.py", "import time\ndef handler(e, c):\n    time.sleep(e.get('s', 0))\n    return 1\n")
+for i in range(5):
+    env = {"Variables": {"PYTHONDONTWRITEBYTECODE": "1"}} if i % 2 else {"Variables": {}}  # odd: not pooled
+    lam.create_function(FunctionName=f"f{i}", Runtime="python3.12", Role="arn:aws:iam::1:role/x",
+                        Handler="app.handler", Code={"ZipFile": buf.getvalue()}, Environment=env, Timeout=60)
+    assert json.loads(lam.invoke(FunctionName=f"f{i}", Payload=b"{}")["Payload"].read()) == 1
+def busy():
+    try:
+        lam.invoke(FunctionName="f0", Payload=b'{"s": 3}')
+    except Exception:
+        pass  # ember is killed under it
+threading.Thread(target=busy, daemon=True).start()  # one invoke under way (a second sandbox of f0: pooled)
+time.sleep(1.0)
+ember.send_signal(sig)
+ember.wait(40)
+me = os.getpid()
+def alive():
+    out = []
+    for p in os.listdir("/proc"):
+        try:
+            stat = open(f"/proc/{p}/stat").read().rsplit(")", 1)[1].split()
+            if int(stat[1]) == me and stat[0] != "Z":
+                out.append(open(f"/proc/{p}/status").read())
+        except (OSError, ValueError):
+            pass
+    return out
+deadline = time.monotonic() + 10
+while alive() and time.monotonic() < deadline:
+    time.sleep(0.1)
+left = alive()
+print(json.dumps(left), flush=True)
+for p in os.listdir("/proc"):  # clean up what was left, then reap everything
+    try:
+        if int(open(f"/proc/{p}/stat").read().rsplit(")", 1)[1].split()[1]) == me:
+            os.kill(int(p), signal.SIGKILL)
+    except (OSError, ValueError):
+        pass
+while True:
+    try:
+        os.wait()
+    except ChildProcessError:
+        break
+"""
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL])
+def test_nothing_alive_under_a_subreaper(tmp_path: Path, sig: signal.Signals) -> None:
+    """Under a child subreaper (systemd, tini, bench/run.py), what ember leaves is adopted by it, not by
+    init: after ember stops (SIGTERM) or is killed (SIGKILL), no sandbox's pid 1 nor any runtime,
+    keeper or zygote may stay alive, even if that reaper never reaps."""
+    import subprocess
+    import sys
+
+    from conftest import free_port
+
+    out = subprocess.run(
+        [sys.executable, "-c", UNDER_SUBREAPER, str(tmp_path / "data"), str(free_port()), str(int(sig))],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr + (tmp_path / "data.log").read_text()
+    left = json.loads(out.stdout)
+    assert left == [], "\n".join(left)

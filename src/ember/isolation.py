@@ -30,6 +30,7 @@ import functools
 import logging
 import os
 import resource
+import select
 import shutil
 import signal
 import socket
@@ -411,9 +412,30 @@ async def spawn_off_loop(argv: list[str], **kwargs: Any) -> SpawnedProcess:
     return SpawnedProcess(popen, loop)
 
 
-def die_with_ember() -> None:
-    """preexec_fn of ember's helper processes (the zygote): SIGKILL when ember dies."""
-    _libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+def die_with_ember(sig: int = signal.SIGKILL) -> None:
+    """preexec_fn of ember's helper processes: `sig` when ember dies (the zygote takes SIGTERM, to
+    stop its runtimes and reap them before it exits)."""
+    _libc.prctl(_PR_SET_PDEATHSIG, int(sig))
+
+
+INIT_EXIT_TIMEOUT_S = 5.0
+
+
+async def _until_exited(pidfd: int, timeout_s: float, pid: int) -> bool:
+    """Wait (bounded) until the process of `pidfd` has exited: the pidfd polls readable once it has."""
+    if select.select([pidfd], [], [], 0)[0]:
+        return True
+    loop = asyncio.get_running_loop()
+    gone: asyncio.Future[None] = loop.create_future()
+    loop.add_reader(pidfd, lambda: gone.done() or gone.set_result(None))
+    try:
+        await asyncio.wait_for(gone, timeout_s)
+        return True
+    except TimeoutError:
+        log.error("a sandbox's pid 1 did not exit", extra={"pid": pid})
+        return False
+    finally:
+        loop.remove_reader(pidfd)
 
 
 class Jail:
@@ -464,6 +486,9 @@ class Jail:
             self.kill()
             self.pgid = -1
             if self.init_pidfd >= 0:
+                # gone, not just killed: a dying pid 1 waits until everything in its pid namespace
+                # has been reaped (a forked runtime is reaped by its keeper or the zygote, not by it)
+                await _until_exited(self.init_pidfd, INIT_EXIT_TIMEOUT_S, self.child_pid)
                 os.close(self.init_pidfd)
                 self.init_pidfd = -1
         # bwrap's process group when bwrap is not in the cgroup: its pid 1 waits for bwrap's go-ahead on an

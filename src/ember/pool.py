@@ -20,9 +20,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import functools
 import logging
 import os
 import shutil
+import signal
 import socket
 import sys
 from pathlib import Path
@@ -143,6 +145,7 @@ class Pool:
         self.failures = 0  # pre-started runtimes in a row that died before they were ready (backoff)
         self.zygote: Zygote | None = None  # forks runtimes into new sandboxes (ember.zygote); None: fresh ones
         self._next_zygote: asyncio.Task[None] | None = None
+        self._retired: list[Zygote] = []  # still the parents of runtimes they forked; stopped on close
         self._zygote_failed_at = -1e9
         self.forked = 0  # pooled runtimes that came from a zygote
         self.forked_on_demand = 0  # of which, forked for a cold start that found the pool empty
@@ -272,7 +275,11 @@ class Pool:
             return None
         z = self.zygote
         if z is not None and not z.alive:
-            await z.kill()
+            if z.process is not None and z.process.returncode is None:
+                z.close()  # retired: it exits once its runtimes are gone (killing it would kill them)
+                self._retire(z)
+            else:
+                await z.kill()
             z = self.zygote = None
         if z is None:
             if self.loop.time() - self._zygote_failed_at < 10.0:
@@ -292,7 +299,7 @@ class Pool:
         return z
 
     async def _new_zygote(self) -> Zygote:
-        z = Zygote(self.iso._seccomp, dict(GENERIC_ENV), die_with_ember)
+        z = Zygote(self.iso._seccomp, dict(GENERIC_ENV), functools.partial(die_with_ember, signal.SIGTERM))
         await z.start()
         self.zygotes += 1
         return z
@@ -312,6 +319,12 @@ class Pool:
             return
         self.zygote = new
         old.close()
+        self._retire(old)
+
+    def _retire(self, z: Zygote) -> None:
+        self._retired = [r for r in self._retired if r.process is not None and r.process.returncode is None]
+        if z not in self._retired:
+            self._retired.append(z)
 
     async def _spawn_forked(self) -> Pooled:
         """A new sandbox whose payload waits for a runtime the zygote forks into it (ember.zygote)."""
@@ -472,9 +485,10 @@ class Pool:
             if pooled.ready_fd >= 0:
                 self.loop.remove_reader(pooled.ready_fd)
             await _discard(pooled)
-        if self.zygote is not None:
-            await self.zygote.kill()
-            self.zygote = None
+        # each zygote kills the runtimes it forked that are still there and reaps them before it exits
+        zygotes = [z for z in (self.zygote, *self._retired) if z is not None]
+        self.zygote, self._retired = None, []
+        await asyncio.gather(*(z.kill() for z in zygotes))
         shutil.rmtree(self.dir, ignore_errors=True)
 
     def stats(self) -> dict[str, Any]:

@@ -170,6 +170,8 @@ def _serve_one():
 def _keeper(req, fds):
     # runs as root in ember's namespaces; stays out of the sandbox's, except its pid namespace for children
     signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_SETMASK, [])  # the zygote blocks these around its forks
     _prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG: dies with the zygote (which dies with ember)
     if os.getppid() != _ZYGOTE:
         os._exit(1)
@@ -203,11 +205,43 @@ def _keeper(req, fds):
 
 
 _ZYGOTE = os.getpid()
+_KEEPERS = set()  # live (or not yet reaped) keepers: children, so their pids are not reused
+_STOPPING = False
+_SIGNALS = {signal.SIGCHLD, signal.SIGTERM}
+
+
+def _reap(*_):
+    # keepers, and the runtimes of keepers that were killed (this is their subreaper: see _main_loop)
+    while True:
+        try:
+            pid, _status = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return
+        if pid == 0:
+            return
+        _KEEPERS.discard(pid)
+
+
+def _stop(*_):
+    # ember is gone (PR_SET_PDEATHSIG) or shutting down: every runtime goes now (with its keeper)
+    global _STOPPING
+    _STOPPING = True
+    for pid in list(_KEEPERS):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
 
 
 def _main_loop():
     sock = socket.socket(fileno=int(sys.argv[1]))
-    signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # keepers are reaped by the kernel
+    # A keeper can be killed before it reaped its runtime (the sandbox's cgroup is killed, keeper
+    # included): the runtime's zombie would then go to whichever subreaper is above ember (systemd,
+    # tini, ...) or init, and the sandbox's pid 1 would wait for it to be reaped (its pid namespace
+    # is not empty) for as long as that takes. As their subreaper, the zygote reaps them at once.
+    _prctl(36, 1)  # PR_SET_CHILD_SUBREAPER
+    signal.signal(signal.SIGCHLD, _reap)
+    signal.signal(signal.SIGTERM, _stop)
     sock.send(b"R")
     while True:
         try:
@@ -216,24 +250,35 @@ def _main_loop():
             continue
         if not msg:
             break
-        if len(fds) < 5:
+        if len(fds) < 5 or _STOPPING:
             for fd in fds:
                 os.close(fd)
             continue
-        pid = os.fork()
-        if pid == 0:
-            try:
-                sock.close()
-                _keeper(json.loads(msg), fds)
-            finally:
-                os._exit(1)
+        signal.pthread_sigmask(signal.SIG_BLOCK, _SIGNALS)  # the keeper is in _KEEPERS before it can be reaped
+        try:
+            pid = os.fork()
+            if pid == 0:
+                try:
+                    sock.close()
+                    _keeper(json.loads(msg), fds)
+                finally:
+                    os._exit(1)
+            _KEEPERS.add(pid)
+        finally:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, _SIGNALS)
         for fd in fds:
             os.close(fd)
-    # retired (ember closed its end): stay the parent of live keepers until they are done
-    try:
-        os.wait()
-    except ChildProcessError:
-        pass
+    # retired (ember closed its end): stay the parent (and subreaper) of live keepers and their
+    # runtimes until they are done; on SIGTERM (ember shutting down or gone), kill them first
+    signal.pthread_sigmask(signal.SIG_BLOCK, [signal.SIGCHLD])
+    if _STOPPING:
+        _stop()
+    while True:
+        try:
+            pid, _status = os.waitpid(-1, 0)
+        except ChildProcessError:
+            break
+        _KEEPERS.discard(pid)
     os._exit(0)
 
 
@@ -303,12 +348,21 @@ class Zygote:
             self.sock = None
 
     async def kill(self) -> None:
+        """Stop it and every runtime it forked: SIGTERM makes it kill its keepers (so their runtimes) and
+        reap them all before it exits (a runtime left to another reaper keeps its sandbox's pid 1
+        alive); SIGKILL only if it does not exit in time."""
         self.close()
         if self.process is not None and self.process.returncode is None:
             with contextlib.suppress(ProcessLookupError):
-                self.process.kill()
-            with contextlib.suppress(asyncio.TimeoutError):
+                self.process.terminate()
+            try:
                 await asyncio.wait_for(self.process.wait(), 5.0)
+            except TimeoutError:
+                log.error("the zygote did not stop: killing it", extra={"pid": self.process.pid})
+                with contextlib.suppress(ProcessLookupError):
+                    self.process.kill()
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(self.process.wait(), 5.0)
 
 
 def sandbox_pidfd(pid: int, bwrap: Any) -> int:
