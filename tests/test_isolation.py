@@ -409,9 +409,8 @@ def test_without_isolation_a_loud_warning(tmp_path: Path) -> None:
     assert "WARNING" in srv.stderr()
 
 
+@pytest.mark.parametrize("iso", ["bwrap"], indirect=True)  # unshare mode runs no pool
 def test_pooled_runtimes_carry_nothing_between_functions(iso: EmberServer) -> None:
-    if iso.mode != "bwrap":  # type: ignore[attr-defined]
-        pytest.skip("unshare mode runs no pool")
     lam = iso.client()
     src = """
     import os, sys
@@ -479,15 +478,16 @@ def handler(event, context):
 TRICKY = 'it\'s "$HOME" `id` $(id) \\ ${X:-y} !\nsecond line\n'
 
 
-@pytest.mark.parametrize("pooled", [False, True], ids=["fresh", "pooled"])
+@pytest.mark.parametrize(
+    ("iso", "pooled"), [("bwrap", False), ("bwrap", True), ("unshare", False)],  # unshare mode runs no pool
+    ids=["bwrap-fresh", "bwrap-pooled", "unshare-fresh"], indirect=["iso"],
+)
 def test_ld_preload_never_reaches_a_root_process(iso: EmberServer, tmp_path: Path, pooled: bool) -> None:
     """A function's environment is the runtime's only (ENV_EXEC): its LD_PRELOAD, naming a library in its own
     code both at /var/task and at the host path of its code dir (DATA_DIR/code/<sha256>, which the API
     tells), is loaded by the runtime and its children as the sandbox's uid, never by bwrap, unshare(1), the
     helper or setpriv, which run as root (on the host, or in the sandbox before the uid drop)."""
     mode = iso.mode  # type: ignore[attr-defined]
-    if pooled and mode != "bwrap":
-        pytest.skip("unshare mode runs no pool")
     import hashlib
     import io
     import subprocess
