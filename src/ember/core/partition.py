@@ -309,39 +309,38 @@ class Leader:
     def ready(self, worker: str, sandbox: int, now: float) -> None:
         """a_sandbox_ready (STARTING to BUSY or IDLE), or a_destroy_orphan: READY for a sandbox that has
         no journal record (written off while its START was in flight)."""
-        if self.role is not Role.SERVING:
-            if self.role is Role.RECONCILING and len(self.held) < MAX_PARKED:
-                self.held.append(("ready", worker, sandbox, None))
-            return
-        core = self.core
-        assert core is not None
-        sb = core.sandboxes.get(sandbox)
-        if sb is None:
-            self._orphan(worker, sandbox)
-        elif sb.state is State.STARTING:
+        sb = self._reported(("ready", worker, sandbox, None))
+        if sb is not None and sb.state is State.STARTING:
             self.pmask.pop(sandbox, None)
-            core.sandbox_ready(sb, now)
+            assert self.core is not None
+            self.core.sandbox_ready(sb, now)
             self._drain(now)
 
     def release(self, worker: str, sandbox: int, request_id: str | None, now: float) -> None:
         """a_release: the worker says the sandbox ended `request_id` and asks for more: BUSY to IDLE."""
-        if self.role is not Role.SERVING:
-            if self.role is Role.RECONCILING and len(self.held) < MAX_PARKED:
-                self.held.append(("release", worker, sandbox, request_id))
-            return
-        core = self.core
-        assert core is not None
-        sb = core.sandboxes.get(sandbox)
-        if sb is None:
-            self._orphan(worker, sandbox)
-            return
-        if sb.state is not State.BUSY or sb.request is None:
+        sb = self._reported(("release", worker, sandbox, request_id))
+        if sb is None or sb.state is not State.BUSY or sb.request is None:
             return
         if request_id is not None and sb.request != request_id and not sb.request.startswith("reconciled-"):
             return
         self.pmask.pop(sandbox, None)
-        core.release(sb, now)
+        assert self.core is not None
+        self.core.release(sb, now)
         self._drain(now)
+
+    def _reported(self, msg: tuple[str, str, int, str | None]) -> Sandbox | None:
+        """The sandbox a worker's READY or RELEASE is about, while serving. While reconciling the
+        message is held for later (R4); an unknown sandbox is an orphan (a_destroy_orphan)."""
+        _, worker, sandbox, _ = msg
+        if self.role is not Role.SERVING:
+            if self.role is Role.RECONCILING and len(self.held) < MAX_PARKED:
+                self.held.append(msg)
+            return None
+        assert self.core is not None
+        sb = self.core.sandboxes.get(sandbox)
+        if sb is None:
+            self._orphan(worker, sandbox)
+        return sb
 
     def _orphan(self, worker: str, sandbox: int) -> None:
         if sandbox not in self.journal and worker in self.workers:
