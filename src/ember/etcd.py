@@ -33,7 +33,7 @@ import subprocess
 import time
 import urllib.error
 import urllib.request
-from collections.abc import AsyncIterator, Awaitable, Iterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, Literal, NamedTuple, Self, TypeVar
 
@@ -157,6 +157,11 @@ class Leader(NamedTuple):
 
 
 # ------------------------------------------------------------------------------------------ the client
+
+
+def prefix_end(prefix: str) -> str:
+    """The end of the key range of `prefix` (exclusive): "functions/" -> "functions0"."""
+    return prefix[:-1] + chr(ord(prefix[-1]) + 1)
 
 
 def parse_urls(urls: str) -> list[tuple[str, int]]:
@@ -369,6 +374,40 @@ class Etcd:
     ) -> AsyncIterator[WatchEvent]:
         """Like watch_prefix, for the keys in [start, end): one ordered stream over several prefixes."""
         return self._watch(self.full_key(start), self.full_key(end), start_revision, queue_size)
+
+    async def follow(
+        self,
+        start: str,
+        end: str,
+        snapshot: Callable[[], Awaitable[int]],
+        on_event: Callable[[WatchEvent], Awaitable[None] | None],
+        revision: int | None = None,
+    ) -> None:
+        """Keep a local view of the keys in [start, end) in step with etcd, for ever (cancel to stop).
+
+        `snapshot()` (re)loads the view and returns the revision it read at; every later change goes
+        to `on_event`, in order. `revision`: a snapshot already taken. When the watch fails (history
+        compacted, etcd gone for longer than the watch retries), a fresh snapshot replaces the view.
+        """
+        while revision is None:
+            try:
+                revision = await snapshot()
+            except EtcdError as e:
+                log.warning("snapshot of %s..%s failed: %s; retrying", start, end, e)
+                await asyncio.sleep(RETRY_MAX)
+        while True:
+            try:
+                async with contextlib.aclosing(self.watch_range(start, end, revision + 1)) as events:
+                    async for ev in events:
+                        revision = ev.revision
+                        done = on_event(ev)
+                        if done is not None:
+                            await done
+            except EtcdError as e:
+                log.warning("watch of %s..%s failed: %s; reloading", start, end, e)
+                await asyncio.sleep(RETRY_MAX)
+                with contextlib.suppress(EtcdError):
+                    revision = await snapshot()
 
     def watch_key(self, key: str, start_revision: int, *, queue_size: int = WATCH_QUEUE) -> AsyncIterator[WatchEvent]:
         """Like watch_prefix, for one key."""

@@ -26,7 +26,7 @@ from ember.control import ControlPlane
 from ember.core.assignment import Assigner
 from ember.core.partition import Create, Destroy, Grant, Leader, Refuse, Role, Sync, WriteOff
 from ember.core.placement import WorkerInfo
-from ember.etcd import Etcd, EtcdError, Session, SessionLost, dumps, loads
+from ember.etcd import Etcd, EtcdError, Session, SessionLost, WatchEvent, dumps, loads, prefix_end
 
 log = logging.getLogger("ember.cluster.assigner")
 
@@ -82,17 +82,15 @@ class AssignerNode:
         self.http = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=512))
         for name in self.control.functions:
             self.function_changed(name)
-        docs, rev = await self.etcd.get_prefix("workers/")
-        for key in docs:
-            kv = await self.etcd.get(key)
-            if kv is not None:
-                self._worker_put(key, kv.value, kv.mod_revision)  # the registering put's revision
-        self._tasks.append(asyncio.create_task(self._watch_workers(rev + 1)))
-        docs, rev = await self.etcd.get_prefix("journal/")
-        for key, value in docs.items():
-            self._journal_event("put", key, value)
-        self.tail_rev = rev
-        self._tasks.append(asyncio.create_task(self._tail(rev + 1)))
+        revision = await self._workers_snapshot()
+        self._tasks.append(asyncio.create_task(self.etcd.follow(
+            "workers/", prefix_end("workers/"), self._workers_snapshot, self._worker_event, revision)))
+        # Followers tail the journal. One ordered watch covers `journal/` and `partitions/`, so once it
+        # has shown our own leader key's creation (revision = our epoch), every journal write of earlier
+        # leaders (all fenced below that revision) is in `tailed`.
+        revision = await self._journal_snapshot()
+        self._tasks.append(asyncio.create_task(self.etcd.follow(
+            "journal/", prefix_end("partitions/"), self._journal_snapshot, self._journal_event, revision)))
         self._tasks.append(asyncio.create_task(self._lead()))
         self._tasks.append(asyncio.create_task(self._timers()))
         self._tasks.append(asyncio.create_task(self._share()))
@@ -135,55 +133,49 @@ class AssignerNode:
             part.leader.worker_joined(mine, self.loop.time())
             self._apply(part)
 
-    async def _watch_workers(self, start: int) -> None:
-        while not self.stopping:
-            try:
-                async with contextlib.aclosing(self.etcd.watch_prefix("workers/", start)) as events:
-                    async for ev in events:
-                        start = ev.revision + 1
-                        wid = ev.key.removeprefix("workers/")
-                        if ev.type == "put" and ev.value is not None:
-                            self._worker_put(ev.key, ev.value, ev.revision)
-                        else:
-                            self.workers.pop(wid, None)
-                            for part in self.parts:
-                                part.leader.worker_left(wid, self.loop.time())
-                                self._apply(part)
-            except EtcdError as exc:
-                log.warning("worker watch failed", extra={"error": str(exc)})
-                await asyncio.sleep(0.5)
+    async def _workers_snapshot(self) -> int:
+        docs, rev = await self.etcd.get_prefix("workers/")
+        for key in docs:
+            kv = await self.etcd.get(key)
+            if kv is not None:
+                self._worker_put(key, kv.value, kv.mod_revision)  # the registering put's revision
+        for wid in set(self.workers) - {k.removeprefix("workers/") for k in docs}:
+            self._worker_gone(wid)
+        return rev
 
-    def _journal_event(self, kind: str, key: str, value: bytes | None) -> None:
+    def _worker_event(self, ev: WatchEvent) -> None:
+        if ev.type == "put" and ev.value is not None:
+            self._worker_put(ev.key, ev.value, ev.revision)
+        else:
+            self._worker_gone(ev.key.removeprefix("workers/"))
+
+    def _worker_gone(self, wid: str) -> None:
+        self.workers.pop(wid, None)
+        for part in self.parts:
+            part.leader.worker_left(wid, self.loop.time())
+            self._apply(part)
+
+    async def _journal_snapshot(self) -> int:
+        docs, rev = await self.etcd.get_prefix("journal/")
+        self.tailed.clear()
+        for key, value in docs.items():
+            self._journal_put(key, value)
+        self.tail_rev = rev
+        return rev
+
+    def _journal_event(self, ev: WatchEvent) -> None:
+        self._journal_put(ev.key, ev.value if ev.type == "put" else None)
+        self.tail_rev = ev.revision
+
+    def _journal_put(self, key: str, value: bytes | None) -> None:
         parts = key.split("/")
         if parts[0] != "journal" or len(parts) != 3:
-            return
+            return  # a leader key: it only moves tail_rev
         records = self.tailed.setdefault(int(parts[1]), {})
-        if kind == "put" and value is not None:
+        if value is not None:
             records[int(parts[2])] = value
         else:
             records.pop(int(parts[2]), None)
-
-    async def _tail(self, start: int) -> None:
-        """Followers tail the journal. The watch covers `journal/` and `partitions/` in one ordered
-        stream, so once it has shown our own leader key's creation (revision = our epoch), every journal
-        write of earlier leaders (all fenced below that revision) is in `tailed`."""
-        while not self.stopping:
-            try:
-                async with contextlib.aclosing(self.etcd.watch_range("journal/", "partitions0", start)) as events:
-                    async for ev in events:
-                        start = ev.revision + 1
-                        self._journal_event(ev.type, ev.key, ev.value)
-                        self.tail_rev = ev.revision
-            except EtcdError as exc:
-                log.warning("journal tail failed; re-reading", extra={"error": str(exc)})
-                await asyncio.sleep(0.5)
-                with contextlib.suppress(EtcdError):
-                    docs, rev = await self.etcd.get_prefix("journal/")
-                    self.tailed.clear()
-                    for key, value in docs.items():
-                        self._journal_event("put", key, value)
-                    self.tail_rev = rev
-                    start = rev + 1
 
     async def _journal_at(self, p: int, epoch: int) -> list[bytes]:
         """The journal of partition p as a new leader with `epoch` must see it: from the tail once it
@@ -328,34 +320,25 @@ class AssignerNode:
 
     async def _share(self) -> None:
         """Account concurrency across partitions (issue item 4): every second each leader publishes its
-        partition's in-flight count (`usage/<p>`, bound to its session) and takes as its limit what the
-        others leave of the account's. Slack: what other partitions gained within one interval."""
+        partition's in-flight count (`usage/<p>`, bound to its session) and takes what the others leave
+        (`Leader.share_account`). Slack: what other partitions gained within one interval."""
         while True:
             await asyncio.sleep(SHARE_EVERY_S)
             session = self.session
             if session is None or not session.alive:
                 continue
+            serving = [part for part in self.parts if part.leader.role is Role.SERVING]
             try:
-                for part in self.parts:
-                    core = part.leader.core
-                    if part.leader.role is Role.SERVING and core is not None:
-                        used = core.account_limit - self._headroom(core)
-                        await session.register(f"usage/{part.p}", dumps({"inflight": used, "epoch": part.leader.epoch}))
+                for part in serving:
+                    doc = {"inflight": part.leader.in_flight(), "epoch": part.leader.epoch}
+                    await session.register(f"usage/{part.p}", dumps(doc))
                 docs, _ = await self.etcd.get_prefix("usage/")
             except (EtcdError, SessionLost):
                 continue
             usage = {int(k.split("/")[1]): int(loads(v)["inflight"]) for k, v in docs.items()}
-            floor = max(1, self.account_limit // (4 * len(self.parts)))
-            for part in self.parts:
-                core = part.leader.core
-                if part.leader.role is Role.SERVING and core is not None:
-                    others = sum(n for p, n in usage.items() if p != part.p)
-                    core.set_account_limit(max(floor, self.account_limit - others))
-
-    @staticmethod
-    def _headroom(core: Assigner) -> int:
-        return core.account_limit - core.unreserved_inflight - sum(
-            fn.inflight for fn in core.functions.values() if fn.reserved is not None)
+            for part in serving:
+                others = sum(n for p, n in usage.items() if p != part.p)
+                part.leader.share_account(self.account_limit, others, len(self.parts))
 
     async def _timers(self) -> None:
         n = 0

@@ -17,7 +17,7 @@ from collections.abc import Callable
 
 from ember.cluster import layout
 from ember.control import ControlPlane
-from ember.etcd import Etcd, EtcdError, dumps, loads
+from ember.etcd import Etcd, EtcdError, WatchEvent, dumps, loads, prefix_end
 
 log = logging.getLogger("ember.cluster.catalog")
 
@@ -64,13 +64,10 @@ class Catalog:
     # ------------------------------------------------------------------ following (every role)
 
     async def start(self) -> None:
-        docs, rev = await self.etcd.get_prefix("functions/")
-        for key, value in docs.items():
-            await self._apply_put(key, value)
-        for name in set(self.control.functions) - {k.removeprefix("functions/") for k in docs}:
-            self._apply_delete(name)  # deleted while this process was down
+        revision = await self._snapshot()
         self.synced.set()
-        self._task = asyncio.create_task(self._follow(rev + 1))
+        self._task = asyncio.create_task(
+            self.etcd.follow("functions/", prefix_end("functions/"), self._snapshot, self._on_event, revision))
 
     async def stop(self) -> None:
         if self._task is not None:
@@ -78,26 +75,19 @@ class Catalog:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
 
-    async def _follow(self, start: int) -> None:
-        while True:
-            try:
-                async with contextlib.aclosing(self.etcd.watch_prefix("functions/", start)) as events:
-                    async for ev in events:
-                        start = ev.revision + 1
-                        if ev.type == "put" and ev.value is not None:
-                            await self._apply_put(ev.key, ev.value)
-                        else:
-                            self._apply_delete(ev.key.removeprefix("functions/"))
-            except EtcdError as exc:  # compacted or unreachable for long: resynchronise from a snapshot
-                log.warning("catalog watch failed; reloading", extra={"error": str(exc)})
-                await asyncio.sleep(0.5)
-                with contextlib.suppress(EtcdError):
-                    docs, rev = await self.etcd.get_prefix("functions/")
-                    for key, value in docs.items():
-                        await self._apply_put(key, value)
-                    for name in set(self.control.functions) - {k.removeprefix("functions/") for k in docs}:
-                        self._apply_delete(name)
-                    start = rev + 1
+    async def _snapshot(self) -> int:
+        docs, rev = await self.etcd.get_prefix("functions/")
+        for key, value in docs.items():
+            await self._apply_put(key, value)
+        for name in set(self.control.functions) - {k.removeprefix("functions/") for k in docs}:
+            self._apply_delete(name)  # deleted while this process was down, or while the watch was
+        return rev
+
+    async def _on_event(self, ev: WatchEvent) -> None:
+        if ev.type == "put" and ev.value is not None:
+            await self._apply_put(ev.key, ev.value)
+        else:
+            self._apply_delete(ev.key.removeprefix("functions/"))
 
     async def _apply_put(self, key: str, value: bytes) -> None:
         doc = loads(value)

@@ -9,7 +9,7 @@ import contextlib
 import logging
 from collections.abc import Iterator
 
-from ember.etcd import Etcd, EtcdError, loads
+from ember.etcd import Etcd, WatchEvent, loads, prefix_end
 
 log = logging.getLogger("ember.cluster.leaders")
 
@@ -43,8 +43,9 @@ class LeaderMap:
             waiting.discard(deadline)
 
     async def start(self) -> None:
-        rev = await self._snapshot()
-        self._task = asyncio.create_task(self._follow(rev + 1))
+        revision = await self._snapshot()
+        self._task = asyncio.create_task(
+            self.etcd.follow("partitions/", prefix_end("partitions/"), self._snapshot, self._on_event, revision))
 
     async def stop(self) -> None:
         if self._task is not None:
@@ -80,24 +81,14 @@ class LeaderMap:
             for deadline in waiting:
                 deadline.reschedule(now)
 
-    async def _follow(self, start: int) -> None:
-        while True:
-            try:
-                async with contextlib.aclosing(self.etcd.watch_prefix("partitions/", start)) as events:
-                    async for ev in events:
-                        start = ev.revision + 1
-                        p = _partition(ev.key)
-                        if p is None:
-                            continue
-                        if ev.type == "put" and ev.value is not None:
-                            self._set(p, (loads(ev.value)["url"], ev.revision))  # created: mod == create revision
-                        else:
-                            self._set(p, None)
-            except EtcdError as exc:
-                log.warning("leader watch failed; re-reading", extra={"error": str(exc)})
-                await asyncio.sleep(0.5)
-                with contextlib.suppress(EtcdError):
-                    start = await self._snapshot() + 1
+    def _on_event(self, ev: WatchEvent) -> None:
+        p = _partition(ev.key)
+        if p is None:
+            return
+        if ev.type == "put" and ev.value is not None:
+            self._set(p, (loads(ev.value)["url"], ev.revision))  # created: mod == create revision
+        else:
+            self._set(p, None)
 
 
 def _partition(key: str) -> int | None:

@@ -355,16 +355,11 @@ class Assigner:
         self.sandboxes[sid] = sb
         fn.members[sid] = sb
         self.memory_mb += memory_mb
-        if starting:
-            fn.starting += 1
-        elif request is None:
-            if generation != fn.generation:
-                self._stop(sb, "retired")
-            else:
-                self._serve_or_idle(sb, now)
-        else:
-            fn.starting += 1  # counted as starting for a moment, so occupy's bookkeeping is uniform
+        fn.starting += 1  # adopted as starting, then moved to what its worker reported
+        if request is not None:
             self.occupy(sb, request)
+        elif not starting:
+            self.sandbox_ready(sb, now)
         return sb
 
     def occupy(self, sb: Sandbox, request: str) -> None:

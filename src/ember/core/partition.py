@@ -138,6 +138,7 @@ class Leader:
         self.workers: dict[str, WorkerInfo] = {}  # wseen: incarnations (and capacity) known
         self.synced: set[str] = set()
         self.pmask: dict[int, int] = {}  # F3/F4: sandbox -> latest probe covering it, untouched since
+        self.leases: dict[str, Sandbox] = {}  # lease id -> the sandbox granted to it: R6 in O(1)
         self.probes = 0
         self.held: list[tuple[str, str, int, str | None]] = []  # READY/RELEASE while reconciling (R4)
         self.seen: dict[int, tuple[str, str | None]] = {}  # reconciling: inventories gathered
@@ -243,7 +244,9 @@ class Leader:
                 elif sb.state is State.BUSY:  # RELEASE was lost
                     core.release(sb, now)
             elif state == "busy" and sb.state in (State.IDLE, State.STARTING):
-                core.occupy(sb, rid or f"reconciled-{sid}")
+                lease = rid or f"reconciled-{sid}"
+                core.occupy(sb, lease)
+                self.leases[lease] = sb
         self._drain(now)
 
     def _maybe_serve(self, now: float) -> None:
@@ -260,7 +263,9 @@ class Leader:
                 self._write_off(sid, now)
                 continue
             busy = (rid or f"reconciled-{sid}") if state == "busy" else None
-            core.adopt(sid, rec.function, rec.generation, rec.memory_mb, busy, now, starting=state == "starting")
+            sb = core.adopt(sid, rec.function, rec.generation, rec.memory_mb, busy, now, starting=state == "starting")
+            if busy is not None:
+                self.leases[busy] = sb
         self.seen = {}
         held, self.held = self.held, []
         for kind, worker, sid, rid in held:
@@ -289,18 +294,18 @@ class Leader:
             return Refuse(request_id, None, "not-leader")
         core = self.core
         assert core is not None
+        held = self.leases.get(request_id)  # R6: idempotent per request id
+        if held is not None and held.request == request_id and held.state is State.BUSY:
+            return Grant(request_id, held.id, self.journal[held.id].worker, self.epoch)
         fn = core.functions.get(name)
-        if fn is not None:  # R6: idempotent per request id
-            for sb in fn.members.values():
-                if sb.request == request_id and sb.state is State.BUSY:
-                    return Grant(request_id, sb.id, self.journal[sb.id].worker, self.epoch)
-            if request_id in fn.waiting:
-                return None
+        if fn is not None and request_id in fn.waiting:
+            return None
         out = core.acquire(request_id, name, now)
         if isinstance(out, Throttle):
             return Refuse(request_id, out, out.reason)
         if isinstance(out, Sandbox):
             self.pmask.pop(out.id, None)
+            self.leases[request_id] = out
             self._drain(now)
             return Grant(request_id, out.id, self.journal[out.id].worker, self.epoch)
         self._drain(now)
@@ -324,6 +329,7 @@ class Leader:
         if request_id is not None and sb.request != request_id and not sb.request.startswith("reconciled-"):
             return
         self.pmask.pop(sandbox, None)
+        self.leases.pop(sb.request, None)
         assert self.core is not None
         self.core.release(sb, now)
         self._drain(now)
@@ -391,6 +397,20 @@ class Leader:
         for wid in sorted(targets):
             self._effects.append(Sync(wid, self.epoch, self.probes))
 
+    def in_flight(self) -> int:
+        """The account concurrency this partition uses: its accepted, unfinished invocations."""
+        core = self.core
+        if core is None or self.role is not Role.SERVING:
+            return 0
+        return core.unreserved_inflight + sum(fn.inflight for fn in core.functions.values() if fn.reserved is not None)
+
+    def share_account(self, account_limit: int, others: int, partitions: int) -> None:
+        """Take as this partition's account limit what the other partitions leave (never below a floor
+        of a quarter of an equal share, so a partition is never shut out by stale figures)."""
+        if self.core is not None and self.role is Role.SERVING:
+            floor = max(1, account_limit // (4 * partitions))
+            self.core.set_account_limit(max(floor, account_limit - others))
+
     def worker_joined(self, info: WorkerInfo, now: float) -> None:
         """A worker's session key appeared or changed. A new incarnation of a known worker means it
         restarted empty: a_worker_restarted writes off its older sandboxes (R12)."""
@@ -448,6 +468,8 @@ class Leader:
         if core is not None:
             sb = core.sandboxes.get(sid)
             if sb is not None:
+                if sb.request is not None:
+                    self.leases.pop(sb.request, None)
                 core.sandbox_exited(sb, now, init_failure=False)  # lost, not failed: its waiters wait on
 
     def _drain(self, now: float) -> None:
@@ -460,6 +482,7 @@ class Leader:
                 if isinstance(eff, Dispatch):
                     sb = eff.sandbox
                     self.pmask.pop(sb.id, None)
+                    self.leases[eff.request_id] = sb
                     self._effects.append(Grant(eff.request_id, sb.id, self.journal[sb.id].worker, self.epoch))
                 elif isinstance(eff, Reject):
                     self._effects.append(Refuse(eff.request_id, None, eff.reason, eff.detail))
