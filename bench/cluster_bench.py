@@ -237,7 +237,7 @@ async def measure(opts: argparse.Namespace, tmp: Path) -> Json:
     Returns the result dict (summary, comparison, bar, load average before and after)."""
     import run as run_mod  # bench/run.py: the same Child, ember_bin and deploy_and_warm
 
-    from ember.cluster.local import LocalCluster
+    from ember_devtools.localcluster import LocalCluster
 
     result: Json = {
         "config": {k: v for k, v in vars(opts).items() if k in (

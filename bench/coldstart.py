@@ -10,7 +10,7 @@ first invoke of N freshly created functions, end to end through boto3 (bench/col
 Bar (issue 4): with isolation on, p50 <= 15 ms and p99 <= 50 ms. `--pace` (default 0.25 s) waits
 before each timed invoke, so the pool is always full; the burst row issues cold starts back to back,
 faster than a pool of 2 is refilled: each refill is a new bwrap sandbox into which the zygote forks a
-pre-imported runtime (ember.zygote, ~10-25 ms of wall time, mostly waiting), and a cold start that finds
+pre-imported runtime (ember.sandbox.zygote, ~10-25 ms of wall time, mostly waiting), and a cold start that finds
 the pool empty gets one made on the spot (no fresh interpreter, ~70 ms, unless the zygote is down).
 
     .venv/bin/python bench/coldstart.py [-n 40] [--out FILE] [--pace 0.25] [--modes bwrap+pool,bwrap,none]

@@ -109,8 +109,8 @@ def main() -> None:
             driver.save_screenshot(str(IMG / "dashboard.png"))
 
             # one frame of `ember top`, as an 80-column terminal shows it
-            from ember.client import Client
-            from ember.top import render
+            from ember.cli.client import Client
+            from ember.cli.top import render
 
             console = Console(record=True, width=80, force_terminal=True, color_system="truecolor")
             doc = Client(url).get_json("/_ember/stats")

@@ -25,7 +25,7 @@ from conftest import EMBER, ROLE, EmberServer, create, make_zip
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
-from ember.auth import CredentialsError, bind_refusal, is_loopback, load_credentials
+from ember.api.auth import CredentialsError, bind_refusal, is_loopback, load_credentials
 
 KEY, SECRET = "AKIDEXAMPLE", "secret"  # what EmberServer.client() signs with
 OTHER_KEY, OTHER_SECRET = "AKIDSECOND", "wJalrXUtnFEMI/K7MDENG+bPxRfiCYEXAMPLEKEY"
@@ -363,8 +363,8 @@ _printable = st.text(st.characters(min_codepoint=32, max_codepoint=255), max_siz
 def test_any_authorization_header_is_a_403_never_a_crash(authorization, date_header, amz_date) -> None:
     from aiohttp.test_utils import make_mocked_request
 
-    from ember.auth import Verifier
-    from ember.errors import LambdaError
+    from ember.api.auth import Verifier
+    from ember.api.errors import LambdaError
 
     headers = {"Authorization": authorization, "Host": "127.0.0.1"}
     if date_header is not None:
@@ -387,8 +387,8 @@ def test_any_authorization_header_is_a_403_never_a_crash(authorization, date_hea
 def test_any_request_target_is_checked_without_crashing(path, host, body, signature) -> None:
     from aiohttp.test_utils import make_mocked_request
 
-    from ember.auth import Verifier
-    from ember.errors import LambdaError
+    from ember.api.auth import Verifier
+    from ember.api.errors import LambdaError
 
     target = "/" + path
     try:

@@ -1,10 +1,10 @@
-"""ember.cgroups on fake hierarchies: the v1/v2 choice and the files written, without root."""
+"""ember.sandbox.cgroups on fake hierarchies: the v1/v2 choice and the files written, without root."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from ember.cgroups import Cgroup, Cgroups
+from ember.sandbox.cgroups import Cgroup, Cgroups
 
 
 def _mounts(tmp: Path, lines: list[str]) -> tuple[str, str]:

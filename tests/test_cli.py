@@ -11,8 +11,8 @@ from pathlib import Path
 from conftest import EMBER, free_port
 from rich.console import Console
 
-from ember.client import ProgressBody, zip_dir
-from ember.top import render
+from ember.cli.client import ProgressBody, zip_dir
+from ember.cli.top import render
 
 APP = """
 import os

@@ -21,7 +21,7 @@ from botocore.config import Config
 from conftest import create, make_zip, wait_for
 
 from ember.cluster import chaos, layout
-from ember.cluster.local import LocalCluster, status
+from ember_devtools.localcluster import LocalCluster, status
 
 if shutil.which("etcd") is None:
     if os.environ.get("CI") == "true":

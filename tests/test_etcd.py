@@ -1,4 +1,4 @@
-"""ember.etcd against a real etcd: elections give growing epochs, a waiting campaigner takes over when
+"""ember.cluster.etcd against a real etcd: elections give growing epochs, a waiting campaigner takes over when
 the leader's session closes or its lease runs out, a deposed leader's journal writes are fenced,
 watches see every event in order across an etcd restart, a session notices etcd is gone, and a
 restarted member keeps its data. No timing assertions: every wait is bounded and checks an outcome."""
@@ -15,19 +15,18 @@ from typing import TypeVar
 
 import pytest
 
-from ember.etcd import (
+from ember.cluster.etcd import (
     CampaignTimeout,
-    EtcdServer,
     EtcdUnavailable,
     Leader,
     SessionLost,
     WatchEvent,
     connect,
     dumps,
-    free_port,
     loads,
     parse_urls,
 )
+from ember_devtools.etcdserver import EtcdServer, free_port
 
 T = TypeVar("T")
 WAIT = 15.0  # bound on any single wait in these tests

@@ -1,4 +1,4 @@
-"""Sandbox isolation (ember.isolation, ember.cgroups, ember.pool): each escape is denied and every
+"""Sandbox isolation (ember.sandbox: isolation, cgroups, pool): each escape is denied and every
 other function keeps working. Runs the real `ember serve --isolation bwrap` and `--isolation unshare`
 (util-linux; the same promises but the pool); in CI nothing skips."""
 

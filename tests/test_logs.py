@@ -19,9 +19,9 @@ from types import SimpleNamespace
 import pytest
 from conftest import EMBER, EmberServer, create, wait_for
 
-from ember.funclogs import LogStore, parse_since
-from ember.reqctx import RequestIdFilter, request_id_var
-from ember.sandbox import Invocation
+from ember.observe.funclogs import LogStore, parse_since
+from ember.observe.reqctx import RequestIdFilter, request_id_var
+from ember.sandbox.process import Invocation
 from ember.server import JsonFormatter
 
 PRINTS = """
@@ -197,7 +197,7 @@ def test_ember_logs_request_scoped_lines_as_json_with_request_id(server, lam) ->
     doc = timed_out_line()
     assert doc["request_id"] == rid
     assert doc["function"] == "late"
-    assert doc["level"] == "info" and doc["logger"] == "ember.worker" and doc["time"].endswith("Z")
+    assert doc["level"] == "info" and doc["logger"] == "ember.invoke.local" and doc["time"].endswith("Z")
 
 
 def test_request_id_filter_tags_records_logged_during_a_request() -> None:

@@ -12,7 +12,7 @@ from botocore.exceptions import ClientError
 from conftest import create, wait_for
 from prometheus_client.parser import text_string_to_metric_families
 
-from ember.metrics import DURATION_BUCKETS, percentile
+from ember.observe.metrics import DURATION_BUCKETS, percentile
 
 APP = """
 import time

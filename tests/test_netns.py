@@ -1,4 +1,4 @@
-"""ember.cluster.netns: hosts on a fabric reach each other and the root namespace; a cut host's TCP
+"""ember_devtools.netns: hosts on a fabric reach each other and the root namespace; a cut host's TCP
 connections hang (time out) instead of failing fast, and come back after restore; close() and
 cleanup_stale() leave nothing behind. Needs root and iproute2; in CI nothing skips.
 No timing assertions: every wait is bounded and checks an outcome."""
@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from ember.cluster import netns
-from ember.cluster.netns import Fabric, Host, NetnsError, available, cleanup_stale
+from ember_devtools.netns import Fabric, Host, NetnsError, available, cleanup_stale
 
 REASON = available()
 pytestmark = pytest.mark.skipif(
@@ -230,7 +230,7 @@ def test_close_removes_everything_even_with_processes_inside() -> None:
 
 CRASHER = """
 import time
-from ember.cluster.netns import Fabric
+from ember_devtools.netns import Fabric
 f = Fabric()
 f.add_host("w").cut()
 f.add_host("v")

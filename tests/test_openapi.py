@@ -17,9 +17,9 @@ from conftest import EMBER, EmberServer, create
 from hypothesis import HealthCheck, settings
 from schemathesis.checks import not_a_server_error
 
-from ember.frontend import Frontend
-from ember.openapi import document
-from ember.ops import Operations
+from ember.api.frontend import Frontend
+from ember.api.openapi import document
+from ember.observe.ops import Operations
 
 METHODS = {"get", "put", "post", "delete", "patch"}
 CATCH_ALL = "/{tail}"  # the frontend's fallback: a Lambda-shaped 404 for any other path
@@ -49,7 +49,7 @@ def _doc_routes() -> set[tuple[str, str]]:
 
 def test_document_describes_exactly_the_registered_routes() -> None:
     app, doc = _app_routes(), _doc_routes()
-    assert app - doc == set(), "routes missing from ember/openapi.py OPERATIONS"
+    assert app - doc == set(), "routes missing from ember/api/openapi.py OPERATIONS"
     assert doc - app == set(), "OPERATIONS describes routes the frontend does not serve"
 
 

@@ -1,4 +1,4 @@
-"""Pooled runtimes forked by the zygote (ember.zygote, ember.pool): each is a sandbox of its own, with
+"""Pooled runtimes forked by the zygote (ember.sandbox.zygote, ember.sandbox.pool): each is a sandbox of its own, with
 nothing of the host's privileges and nothing shared with another sandbox but the zygote's imports.
 Runs the real `ember serve --isolation bwrap`; in CI nothing skips."""
 

@@ -10,9 +10,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from typer.testing import CliRunner
 
-from ember.cli import app
-from ember.replay import compare, percentile, simulate, split
-from ember.trace import FunctionTrace, Workload, load_trace, synthesise
+from ember.cli.app import app
+from ember.sim.replay import compare, percentile, simulate, split
+from ember.sim.trace import FunctionTrace, Workload, load_trace, synthesise
 
 TRACES = Path("/work/shared/traces/azure2019")
 POLICIES = ["fixed-10m", "fixed-20m", "hybrid", "greedy-dual-1g", "default"]

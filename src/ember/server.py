@@ -19,17 +19,17 @@ from pathlib import Path
 import orjson
 from aiohttp import web
 
-from ember import auth
-from ember.asyncq import AsyncInvoker
-from ember.control import ControlPlane, Settings
+from ember.api import auth
+from ember.api.control import ControlPlane, Settings
+from ember.api.frontend import Frontend
 from ember.core.assignment import Assigner
 from ember.core.keepalive import policy_from_name
-from ember.frontend import Frontend
-from ember.isolation import Isolation, IsolationConfig
-from ember.ops import Operations
-from ember.reqctx import RequestIdFilter
+from ember.invoke.asyncq import AsyncInvoker
+from ember.invoke.local import Worker
+from ember.observe.ops import Operations
+from ember.observe.reqctx import RequestIdFilter
+from ember.sandbox.isolation import Isolation, IsolationConfig
 from ember.store import Store
-from ember.worker import Worker
 
 log = logging.getLogger("ember.server")
 
@@ -47,10 +47,10 @@ class ServeOptions:
     region: str = "us-east-1"
     async_concurrency: int = 32
     async_delay_scale: float = 1.0
-    credentials: dict[str, str] | None = None  # ACCESS_KEY_ID -> secret (ember.auth); None: auth off
+    credentials: dict[str, str] | None = None  # ACCESS_KEY_ID -> secret (ember.api.auth); None: auth off
     insecure: bool = False  # allow a non-loopback address without credentials
-    isolation: str = "auto"  # auto | bwrap | none (ember.isolation)
-    pool: int = 2  # pre-started python runtimes (ember.pool); 0: none
+    isolation: str = "auto"  # auto | bwrap | none (ember.sandbox.isolation)
+    pool: int = 2  # pre-started python runtimes (ember.sandbox.pool); 0: none
     ephemeral_storage_mb: int = 512  # each sandbox's /tmp
 
 

@@ -4,7 +4,7 @@ Layout (a one-way door, see docs/decisions/0001-data-dir-layout.md):
   DATA_DIR/ember.db              SQLite (WAL): table `functions`, one row a function; configuration
                                  as JSON text with Lambda's field names; `event_invoke_configs`;
                                  table `meta` (schema_version)
-  DATA_DIR/queue.db              asynchronous events (see ember.asyncq)
+  DATA_DIR/queue.db              asynchronous events (see ember.invoke.asyncq)
   DATA_DIR/code/<sha256>.zip     the uploaded zip, content-addressed (hex SHA-256)
   DATA_DIR/code/<sha256>/        the zip extracted, read-only to sandboxes
 
@@ -31,7 +31,7 @@ from typing import Any
 
 import orjson
 
-from ember.errors import LambdaError, invalid
+from ember.api.errors import LambdaError, invalid
 
 SCHEMA_VERSION = 1
 # Lambda's limit for a function's unzipped code; EMBER_MAX_UNZIPPED_BYTES lowers it (tests do).

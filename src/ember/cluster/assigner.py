@@ -21,12 +21,12 @@ import aiohttp
 import orjson
 from aiohttp import web
 
+from ember.api.control import ControlPlane
 from ember.cluster import layout
-from ember.control import ControlPlane
+from ember.cluster.etcd import Etcd, EtcdError, Session, SessionLost, WatchEvent, dumps, loads, prefix_end
 from ember.core.assignment import Assigner
 from ember.core.partition import Create, Destroy, Grant, Leader, Refuse, Role, Sync, WriteOff
 from ember.core.placement import WorkerInfo
-from ember.etcd import Etcd, EtcdError, Session, SessionLost, WatchEvent, dumps, loads, prefix_end
 
 log = logging.getLogger("ember.cluster.assigner")
 

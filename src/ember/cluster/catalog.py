@@ -15,9 +15,9 @@ import hashlib
 import logging
 from collections.abc import Callable
 
+from ember.api.control import ControlPlane
 from ember.cluster import layout
-from ember.control import ControlPlane
-from ember.etcd import Etcd, EtcdError, WatchEvent, dumps, loads, prefix_end
+from ember.cluster.etcd import Etcd, EtcdError, WatchEvent, dumps, loads, prefix_end
 
 log = logging.getLogger("ember.cluster.catalog")
 

@@ -1,6 +1,6 @@
 """The cluster frontend's invoke path: acquire from the partition's leader, send the payload once to the
 worker, answer the client. `core.call.Call` makes the decisions (R10: retry the acquire, never the
-payload); this shell adds the waits. It stands in for `ember.worker.Worker` under `ember.frontend`,
+payload); this shell adds the waits. It stands in for `ember.invoke.local.Worker` under `ember.api.frontend`,
 so the Lambda API is the single-process server's, unchanged.
 
 Waits are bounded: the whole acquire (retries included) by ACQUIRE_BUDGET_S, each attempt by the
@@ -19,11 +19,11 @@ from typing import Any
 import aiohttp
 import orjson
 
+from ember.api.errors import LambdaError, not_found, throttled
 from ember.cluster import layout
 from ember.cluster.leaders import LeaderMap
 from ember.core.call import Call
-from ember.errors import LambdaError, not_found, throttled
-from ember.sandbox import Invocation, Outcome
+from ember.sandbox.process import Invocation, Outcome
 from ember.store import FunctionRecord
 
 log = logging.getLogger("ember.cluster.frontend")
@@ -36,7 +36,7 @@ CONNECT_TIMEOUT_S = 1.0  # a worker cut off: not connected means not sent, so th
 
 
 class ClusterInvoker:
-    """Quacks like ember.worker.Worker for ember.frontend.Frontend."""
+    """Quacks like ember.invoke.local.Worker for ember.api.frontend.Frontend."""
 
     isolation = None
 

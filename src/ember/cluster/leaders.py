@@ -9,7 +9,7 @@ import contextlib
 import logging
 from collections.abc import Iterator
 
-from ember.etcd import Etcd, WatchEvent, loads, prefix_end
+from ember.cluster.etcd import Etcd, WatchEvent, loads, prefix_end
 
 log = logging.getLogger("ember.cluster.leaders")
 

@@ -18,19 +18,19 @@ from dataclasses import dataclass
 
 from aiohttp import web
 
-from ember import auth
+from ember.api import auth
+from ember.api.control import ControlPlane, Settings
+from ember.api.frontend import Frontend
 from ember.cluster import layout
 from ember.cluster.assigner import AssignerNode
 from ember.cluster.catalog import Catalog
+from ember.cluster.etcd import EtcdError, connect, dumps, loads
 from ember.cluster.frontend import ClusterInvoker
 from ember.cluster.leaders import LeaderMap
 from ember.cluster.worker import WorkerNode
-from ember.control import ControlPlane, Settings
 from ember.core.assignment import Assigner
 from ember.core.keepalive import policy_from_name
-from ember.etcd import EtcdError, connect, dumps, loads
-from ember.frontend import Frontend
-from ember.isolation import Isolation, IsolationConfig
+from ember.sandbox.isolation import Isolation, IsolationConfig
 from ember.server import ServeOptions
 from ember.store import Store
 

@@ -21,14 +21,14 @@ import aiohttp
 import orjson
 from aiohttp import web
 
+from ember.api.control import ControlPlane
 from ember.cluster.catalog import Catalog
+from ember.cluster.etcd import Etcd, EtcdError, Session, SessionLost, dumps
 from ember.cluster.leaders import LeaderMap
-from ember.control import ControlPlane
 from ember.core.assignment import Function, Sandbox
 from ember.core.host import Host, SlotState
-from ember.etcd import Etcd, EtcdError, Session, SessionLost, dumps
-from ember.sandbox import Invocation, Outcome, SandboxProcess
-from ember.worker import INIT_TIMEOUT_S, _signame
+from ember.invoke.local import INIT_TIMEOUT_S, _signame
+from ember.sandbox.process import Invocation, Outcome, SandboxProcess
 
 log = logging.getLogger("ember.cluster.worker")
 

@@ -1,6 +1,6 @@
 """The asynchronous invocation queue's brain: which event goes next, and what happens after it ran.
 
-Sans-IO, like the assigner: events and time go in, decisions come out; the shell (ember.asyncq)
+Sans-IO, like the assigner: events and time go in, decisions come out; the shell (ember.invoke.asyncq)
 persists every decision before it acts on it, so a crash loses nothing (tenet 1).
 
 Rules (checked by tests/test_eventqueue.py):

@@ -18,6 +18,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from ember.api.errors import LambdaError, not_found, throttled
 from ember.core.assignment import (
     WAIT,
     Assigner,
@@ -29,12 +30,11 @@ from ember.core.assignment import (
     Stop,
     Throttle,
 )
-from ember.errors import LambdaError, not_found, throttled
-from ember.metrics import Observer
-from ember.sandbox import Invocation, LaunchSpec, Outcome, SandboxProcess
+from ember.observe.metrics import Observer
+from ember.sandbox.process import Invocation, LaunchSpec, Outcome, SandboxProcess
 from ember.store import FunctionRecord
 
-log = logging.getLogger("ember.worker")
+log = logging.getLogger("ember.invoke.local")
 
 INIT_TIMEOUT_S = 10.0  # Lambda's cap on the init phase
 TICK_S = 0.5
@@ -47,7 +47,7 @@ class Worker:
         self, core: Assigner, launch_spec: Callable[[str, int], LaunchSpec | None], isolation: Any = None
     ) -> None:
         self.core = core
-        self.isolation = isolation  # ember.isolation.Isolation, or None: plain processes
+        self.isolation = isolation  # ember.sandbox.isolation.Isolation, or None: plain processes
         self.launch_spec = launch_spec  # (function, sandbox id) -> how to start it, per current config
         self.loop = asyncio.get_running_loop()
         self.procs: dict[int, SandboxProcess] = {}
@@ -55,7 +55,7 @@ class Worker:
         self._tick_task: asyncio.Task[None] | None = None
         self.cold_starts = 0
         self.warm_starts = 0
-        self.observer = Observer(core)  # metrics and function logs (ember.metrics)
+        self.observer = Observer(core)  # metrics and function logs (ember.observe.metrics)
 
     def start(self) -> None:
         self._tick_task = self.loop.create_task(self._ticker())

@@ -2,7 +2,7 @@
 dashboard, function logs, and the dashboard's static files.
 
 Routes (registered before the Lambda API's catch-all):
-  GET /metrics                              Prometheus text format (ember.metrics)
+  GET /metrics                              Prometheus text format (ember.observe.metrics)
   GET /_ember/stats[?window=S&series=1]     functions, sandboxes and account figures (JSON)
   GET /_ember/logs/{function}[?since=MS&stream=S&limit=N&follow=1]
                                             the function's log events, JSON lines, oldest first;
@@ -24,14 +24,14 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from ember import metrics
-from ember.control import ControlPlane
-from ember.errors import invalid
-from ember.frontend import api
-from ember.funclogs import DEFAULT_MAX_BYTES, LogStore
-from ember.worker import Worker
+from ember.api.control import ControlPlane
+from ember.api.errors import invalid
+from ember.api.frontend import api
+from ember.invoke.local import Worker
+from ember.observe import metrics
+from ember.observe.funclogs import DEFAULT_MAX_BYTES, LogStore
 
-log = logging.getLogger("ember.ops")
+log = logging.getLogger("ember.observe.ops")
 
 HEARTBEAT_S = 10.0
 MAX_LOG_LIMIT = 100_000

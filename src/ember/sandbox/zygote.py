@@ -2,7 +2,7 @@
 once, and forks a copy of itself into each new sandbox. A pooled runtime then costs a bwrap (a few
 ms) and a fork (~1 ms), not a fresh interpreter plus ~30 ms of imports.
 
-Isolation stays bubblewrap's. ember first starts the sandbox exactly as for any runtime (ember.isolation:
+Isolation stays bubblewrap's. ember first starts the sandbox exactly as for any runtime (ember.sandbox.isolation:
 own uid, cgroup, mount/pid/net/ipc/uts/cgroup namespaces, seccomp), but its payload is a small shell
 that waits for the runtime's exit status. ember then hands the zygote a pidfd of that sandbox's pid 1
 (checked to be in the sandbox's own cgroup, and alive) with the runtime's pipes. The zygote forks:
@@ -35,9 +35,9 @@ from typing import Any
 
 import orjson
 
-from ember.isolation import SpawnedProcess, spawn_off_loop
+from ember.sandbox.isolation import SpawnedProcess, spawn_off_loop
 
-log = logging.getLogger("ember.zygote")
+log = logging.getLogger("ember.sandbox.zygote")
 
 # forks per zygote: how many sandboxes share one address-space layout and hash secret
 RETIRE_AFTER = max(1, int(os.environ.get("EMBER_ZYGOTE_RETIRE_AFTER", "16")))

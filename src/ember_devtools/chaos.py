@@ -1,6 +1,6 @@
 """Fault injection under steady load: `ember cluster chaos`, and the cluster tests.
 
-Each scenario starts a fresh local cluster (ember.cluster.local), deploys a sink function that
+Each scenario starts a fresh local cluster (ember_devtools.localcluster), deploys a sink function that
 appends every execution's request id (and whether it was the sandbox's first run, a cold start) to
 a file, drives a steady load through the frontends, injects one fault a third of the way in, and
 then reports one JSON object:
@@ -34,7 +34,7 @@ import aiohttp
 import orjson
 
 from ember.cluster import layout
-from ember.cluster.local import LocalCluster, status
+from ember_devtools.localcluster import LocalCluster, status
 
 SCENARIOS = ("leader-kill", "leader-pause", "worker-kill", "worker-cut", "frontend-kill", "etcd-restart")
 SINK = "sink"
@@ -172,7 +172,7 @@ async def _inject(cluster: LocalCluster, scenario: str, at: float, fault_s: floa
 
 async def _written_off(cluster: LocalCluster, worker: str, since: float, limit_s: float = 30.0) -> float | None:
     """Seconds from `since` until no journal record names `worker` (its sandboxes left the tables)."""
-    from ember.etcd import connect, loads
+    from ember.cluster.etcd import connect, loads
 
     etcd = await connect(cluster.etcd_url)
     try:
@@ -188,7 +188,7 @@ async def _written_off(cluster: LocalCluster, worker: str, since: float, limit_s
 
 async def _leaks(cluster: LocalCluster) -> tuple[int, dict[str, Any]]:
     doc = await status(cluster.etcd_url)
-    from ember.etcd import connect, loads
+    from ember.cluster.etcd import connect, loads
 
     etcd = await connect(cluster.etcd_url)
     try:

@@ -28,10 +28,10 @@ from typing import Any
 
 import orjson
 
-from ember.logs import invocation_log
-from ember.sandbox import Invocation, SandboxProcess
+from ember.observe.logs import invocation_log
+from ember.sandbox.process import Invocation, SandboxProcess
 
-log = logging.getLogger("ember.funclogs")
+log = logging.getLogger("ember.observe.funclogs")
 
 DEFAULT_MAX_BYTES = 16 * 1024 * 1024  # per function
 DEFAULT_SEGMENT_BYTES = 1024 * 1024

@@ -31,16 +31,17 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from ember import __version__, openapi
-from ember.asyncq import MAX_ASYNC_PAYLOAD, AsyncInvoker
-from ember.control import ControlPlane
-from ember.errors import LambdaError, invalid, service_error
-from ember.logs import tail_header
-from ember.reqctx import request_id_var
-from ember.sandbox import Outcome, read_bounded
-from ember.worker import Worker
+from ember import __version__
+from ember.api import openapi
+from ember.api.control import ControlPlane
+from ember.api.errors import LambdaError, invalid, service_error
+from ember.invoke.asyncq import MAX_ASYNC_PAYLOAD, AsyncInvoker
+from ember.invoke.local import Worker
+from ember.observe.logs import tail_header
+from ember.observe.reqctx import request_id_var
+from ember.sandbox.process import Outcome, read_bounded
 
-log = logging.getLogger("ember.frontend")
+log = logging.getLogger("ember.api.frontend")
 
 MAX_SYNC_PAYLOAD = 6 * 1024 * 1024  # 6 MB: Lambda's synchronous request limit
 MAX_CONTROL_BODY = 70 * 1024 * 1024  # a 50 MB zip, base64-encoded, plus JSON
@@ -56,7 +57,7 @@ def api(handler: Handler) -> Callable[[web.Request], Awaitable[web.StreamRespons
     @functools.wraps(handler)
     async def wrapped(request: web.Request) -> web.StreamResponse:
         request_id = str(uuid.uuid4())
-        request_id_var.set(request_id)  # ember's own log lines of this request carry it (ember.reqctx)
+        request_id_var.set(request_id)  # ember's own log lines of this request carry it (ember.observe.reqctx)
         try:
             return await handler(request, request_id)
         except LambdaError as err:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import base64
 import math
 
-from ember.sandbox import Invocation
+from ember.sandbox.process import Invocation
 
 TAIL_BYTES = 4096
 

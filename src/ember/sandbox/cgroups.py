@@ -22,7 +22,7 @@ import signal
 import time
 from pathlib import Path
 
-log = logging.getLogger("ember.cgroups")
+log = logging.getLogger("ember.sandbox.cgroups")
 
 V1_CONTROLLERS = ("memory", "pids", "cpu")
 V2_CONTROLLERS = ("memory", "pids", "cpu")

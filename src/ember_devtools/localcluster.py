@@ -22,7 +22,7 @@ from typing import Any
 
 import orjson
 
-from ember.etcd import EtcdServer
+from ember_devtools.etcdserver import EtcdServer
 
 START_TIMEOUT_S = 30.0
 LISTEN_RE = re.compile(rb"listening on (http://\S+)")
@@ -57,7 +57,7 @@ class LocalCluster:
     lease_ttl: float = 2.0
     isolation: str = "auto"
     pool: int = 2
-    fabric: Any = None  # ember.cluster.netns fabric: each process in its own namespace
+    fabric: Any = None  # ember_devtools.netns fabric: each process in its own namespace
     extra: list[str] = field(default_factory=list)
     etcd: EtcdServer | None = None
     procs: dict[str, Proc] = field(default_factory=dict)
@@ -199,7 +199,7 @@ async def status(etcd_url: str, prefix: str = "/ember/") -> dict[str, Any]:
     """Leaders with their process ids and epochs, workers, sandboxes: read from etcd and the roles."""
     import aiohttp
 
-    from ember.etcd import connect, loads
+    from ember.cluster.etcd import connect, loads
 
     etcd = await connect(etcd_url, prefix=prefix)
     try:

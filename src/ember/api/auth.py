@@ -37,11 +37,11 @@ from botocore.awsrequest import AWSRequest
 from botocore.compat import HTTPHeaders
 from botocore.credentials import Credentials
 
-from ember.errors import LambdaError, service_error
-from ember.frontend import MAX_CONTROL_BODY, MAX_SYNC_PAYLOAD
-from ember.sandbox import PRELOADED_BODY, read_bounded
+from ember.api.errors import LambdaError, service_error
+from ember.api.frontend import MAX_CONTROL_BODY, MAX_SYNC_PAYLOAD
+from ember.sandbox.process import PRELOADED_BODY, read_bounded
 
-log = logging.getLogger("ember.auth")
+log = logging.getLogger("ember.api.auth")
 
 ALGORITHM = "AWS4-HMAC-SHA256"
 SERVICE = "lambda"

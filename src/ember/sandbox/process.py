@@ -100,7 +100,7 @@ def _platform_error(status: int, error_type: str, message: str) -> web.Response:
 _ACCEPTED = orjson.dumps({"status": "OK"})
 
 
-PRELOADED_BODY = "ember.body"  # set by ember.auth, which reads (and hashes) the body first
+PRELOADED_BODY = "ember.body"  # set by ember.api.auth, which reads (and hashes) the body first
 
 
 async def read_bounded(request: web.BaseRequest, limit: int) -> bytes | None:
@@ -140,8 +140,8 @@ class SandboxProcess:
         self.sandbox = sandbox
         self.spec = spec
         self.events = events
-        self.isolation = isolation  # ember.isolation.Isolation: spawns it sandboxed (None: a plain process)
-        self.jail: Any = None  # ember.isolation.Jail: its uid, cgroup; set by the isolation
+        self.isolation = isolation  # ember.sandbox.isolation.Isolation: spawns it sandboxed (None: a plain process)
+        self.jail: Any = None  # ember.sandbox.isolation.Jail: its uid, cgroup; set by the isolation
         self.loop = asyncio.get_running_loop()
         self.port = 0
         self.pid = 0

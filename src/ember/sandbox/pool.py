@@ -1,6 +1,6 @@
 """Pre-started python runtimes, so a cold start costs a specialisation, not a sandbox + interpreter start.
 
-A pooled runtime is a complete sandbox (ember.isolation: fresh uid, cgroup, namespaces, an empty
+A pooled runtime is a complete sandbox (ember.sandbox.isolation: fresh uid, cgroup, namespaces, an empty
 /var/task) whose interpreter has already imported awslambdaric and now blocks reading one line on
 its stdin. Specialising it to a function, on a cold start:
   1. the function's code is hard-linked into the sandbox's task dir (the host directory that is its
@@ -32,13 +32,13 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 
-from ember.isolation import RUNTIME_API_PORT, Isolation, Jail, SpawnedProcess, die_with_ember, listen_in_netns
-from ember.zygote import RETIRE_AFTER, WAITER, Zygote, sandbox_pidfd
+from ember.sandbox.isolation import RUNTIME_API_PORT, Isolation, Jail, SpawnedProcess, die_with_ember, listen_in_netns
+from ember.sandbox.zygote import RETIRE_AFTER, WAITER, Zygote, sandbox_pidfd
 
 if TYPE_CHECKING:
-    from ember.sandbox import SandboxProcess
+    from ember.sandbox.process import SandboxProcess
 
-log = logging.getLogger("ember.pool")
+log = logging.getLogger("ember.sandbox.pool")
 
 POOL_MEMORY_MB = 128  # the cgroup limit while pooled (Lambda's smallest MemorySize); set per function later
 USE_ZYGOTE = os.environ.get("EMBER_ZYGOTE", "1") != "0"  # 0: every pooled runtime is a fresh interpreter
@@ -143,7 +143,7 @@ class Pool:
         self._seq = 0
         self._closed = False
         self.failures = 0  # pre-started runtimes in a row that died before they were ready (backoff)
-        self.zygote: Zygote | None = None  # forks runtimes into new sandboxes (ember.zygote); None: fresh ones
+        self.zygote: Zygote | None = None  # forks runtimes into new sandboxes (ember.sandbox.zygote); None: fresh ones
         self._next_zygote: asyncio.Task[None] | None = None
         self._retired: list[Zygote] = []  # still the parents of runtimes they forked; stopped on close
         self._zygote_failed_at = -1e9
@@ -327,7 +327,7 @@ class Pool:
             self._retired.append(z)
 
     async def _spawn_forked(self) -> Pooled:
-        """A new sandbox whose payload waits for a runtime the zygote forks into it (ember.zygote)."""
+        """A new sandbox whose payload waits for a runtime the zygote forks into it (ember.sandbox.zygote)."""
         self._seq += 1
         task_dir = self.dir / str(self._seq)
         task_dir.mkdir(mode=0o755)

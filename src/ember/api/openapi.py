@@ -12,7 +12,7 @@ from __future__ import annotations
 from typing import Any
 
 from ember import __version__
-from ember.control import RUNTIMES
+from ember.api.control import RUNTIMES
 
 Json = dict[str, Any]
 

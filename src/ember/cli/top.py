@@ -11,7 +11,7 @@ from rich.live import Live
 from rich.table import Table
 from rich.text import Text
 
-from ember.client import Client
+from ember.cli.client import Client
 
 SORT_KEYS = {
     "rps": lambda f: (-f["rps"], f["name"]),

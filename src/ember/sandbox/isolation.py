@@ -1,5 +1,5 @@
 """Sandbox isolation: each sandbox runs as its own unprivileged uid, in its own mount, pid, ipc, uts,
-user and network namespaces (bubblewrap), inside its own cgroup (ember.cgroups).
+user and network namespaces (bubblewrap), inside its own cgroup (ember.sandbox.cgroups).
 
 What a sandbox sees: its code read-only at /var/task, the runtime (the interpreter, its stdlib and
 site-packages; /usr, /bin, /lib*, a few files of /etc) read-only, a private /tmp (tmpfs, capped at
@@ -44,13 +44,13 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 
-from ember.cgroups import Cgroup, Cgroups
+from ember.sandbox.cgroups import Cgroup, Cgroups
 
 if TYPE_CHECKING:
-    from ember.pool import Pool
-    from ember.sandbox import SandboxProcess
+    from ember.sandbox.pool import Pool
+    from ember.sandbox.process import SandboxProcess
 
-log = logging.getLogger("ember.isolation")
+log = logging.getLogger("ember.sandbox.isolation")
 
 TASK_ROOT = "/var/task"
 RUNTIME_API_PORT = 9001  # inside the sandbox's own network namespace, as in Lambda
@@ -448,7 +448,7 @@ class Jail:
         self.cgroup = cgroup
         self.child_pid = child_pid  # pid 1 of the sandbox's pid namespace (bwrap's child)
         self.task_dir: Path | None = None  # a pooled sandbox's /var/task on the host
-        # a pidfd of bwrap's pid 1 when bwrap is not in the cgroup (ember.zygote): killed with the rest
+        # a pidfd of bwrap's pid 1 when bwrap is not in the cgroup (ember.sandbox.zygote): killed with the rest
         # (killing bwrap alone does not end its pid 1, whatever --die-with-parent says)
         self.init_pidfd = -1
         # bwrap's process group when bwrap is not in the cgroup: its pid 1 waits for bwrap's go-ahead on an
@@ -577,7 +577,7 @@ class Isolation:
             log.warning(self.warning, extra={"isolation": self.describe()})
             print(f"ember: {self.warning} (isolation: {self.describe()})", file=sys.stderr, flush=True)
         if self.mode == "bwrap" and self.cfg.pool > 0:
-            from ember.pool import Pool
+            from ember.sandbox.pool import Pool
 
             self.pool = Pool(self, self.cfg.pool)
             await self.pool.start()
@@ -758,7 +758,7 @@ class Isolation:
         write to let the runtime run (after its Runtime API listener exists), else -1. `join_cgroup`
         False: bwrap and `argv` stay out of the sandbox's cgroup (which is still made and limited), have
         no rlimits and do not die with ember themselves, for a payload that runs no function code and
-        ends with its runtime (ember.zygote: the runtime it forks goes into the cgroup, with the rlimits,
+        ends with its runtime (ember.sandbox.zygote: the runtime it forks goes into the cgroup, with the rlimits,
         and dies with its keeper, which dies with the zygote, which dies with ember)."""
         assert self.uids is not None
         uid = self.uids.take()

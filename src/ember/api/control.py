@@ -16,10 +16,10 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
+from ember.api.errors import LambdaError, conflict, invalid, not_found
 from ember.core.assignment import Assigner
 from ember.core.eventqueue import DEFAULT_MAX_AGE_S, DEFAULT_MAX_RETRIES, RetryPolicy
-from ember.errors import LambdaError, conflict, invalid, not_found
-from ember.sandbox import LaunchSpec
+from ember.sandbox.process import LaunchSpec
 from ember.store import FunctionRecord, Store, now_iso
 
 PYTHON_RUNTIMES = ("python3.9", "python3.10", "python3.11", "python3.12", "python3.13")

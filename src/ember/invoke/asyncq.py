@@ -30,11 +30,11 @@ from typing import Any
 
 import orjson
 
+from ember.api.errors import LambdaError
 from ember.core.eventqueue import Decision, Event, EventQueue, Outcome, RetryPolicy
-from ember.errors import LambdaError
-from ember.sandbox import Outcome as RunOutcome
+from ember.sandbox.process import Outcome as RunOutcome
 
-log = logging.getLogger("ember.asyncq")
+log = logging.getLogger("ember.invoke.asyncq")
 
 MAX_ASYNC_PAYLOAD = 1024 * 1024  # Lambda's limit for an asynchronous invoke: 1 MB
 MAX_PENDING_WRITES = 20_000  # accepts waiting for a commit; beyond this, 429 (tenet 3)

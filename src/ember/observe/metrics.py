@@ -26,11 +26,11 @@ from itertools import pairwise
 from typing import TYPE_CHECKING, Any
 
 from ember.core.assignment import Assigner, Function, State
-from ember.sandbox import Invocation, Outcome, SandboxProcess
+from ember.sandbox.process import Invocation, Outcome, SandboxProcess
 
 if TYPE_CHECKING:
-    from ember.funclogs import LogStore
-    from ember.worker import Worker
+    from ember.invoke.local import Worker
+    from ember.observe.funclogs import LogStore
 
 # Upper bounds (seconds) of the duration histogram's buckets; the last bucket is +Inf. Fine enough
 # below a second for useful percentiles, and up to Lambda's 900 s timeout.

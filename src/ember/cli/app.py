@@ -63,7 +63,7 @@ def serve(
         policy_from_name(keep_alive)
     except ValueError as exc:
         raise typer.BadParameter(str(exc), param_hint="--keep-alive") from None
-    from ember.auth import CredentialsError, bind_refusal, load_credentials
+    from ember.api.auth import CredentialsError, bind_refusal, load_credentials
 
     credentials = None
     if auth_file is not None:
@@ -112,7 +112,7 @@ def openapi() -> None:
     """Print the OpenAPI document of ember's HTTP API (also served at /openapi.json)."""
     import json
 
-    from ember.openapi import document
+    from ember.api.openapi import document
 
     typer.echo(json.dumps(document(), indent=2))
 
@@ -139,7 +139,7 @@ def replay(
 ) -> None:
     """Replay a production trace through ember's real core with a simulated clock, per policy."""
     from ember.core.keepalive import policy_from_name
-    from ember.replay import markdown_table, run
+    from ember.sim.replay import markdown_table, run
 
     policy = policy or ["fixed-10m", "fixed-20m", "hybrid", "greedy-dual", "default"]
     for name in policy:
@@ -183,7 +183,7 @@ def cluster_up(
     """Start etcd and a local multi-process cluster; print the frontends' URLs; Ctrl-C stops it all."""
     import signal as _signal
 
-    from ember.cluster.local import LocalCluster
+    from ember_devtools.localcluster import LocalCluster
 
     cluster = LocalCluster(base, assigners, workers, frontends, partitions, lease_ttl, isolation)
     _signal.pthread_sigmask(_signal.SIG_BLOCK, {_signal.SIGINT, _signal.SIGTERM})  # so sigwait gets them
@@ -210,7 +210,7 @@ def cluster_status(
     import asyncio
     import json
 
-    from ember.cluster.local import status
+    from ember_devtools.localcluster import status
 
     doc = asyncio.run(status(etcd))
     if as_json:
@@ -243,7 +243,7 @@ def cluster_chaos(
     import asyncio
     import json
 
-    from ember.cluster.chaos import SCENARIOS, run
+    from ember_devtools.chaos import SCENARIOS, run
 
     chosen = scenario or list(SCENARIOS)
     for name in chosen:
@@ -259,7 +259,7 @@ def cluster_chaos(
                        + (f" ERROR {res['error']}" if "error" in res else ""))
 
 
-from ember import commands as _client_commands  # noqa: E402 - deploy, invoke, ls, rm, logs, top
+from ember.cli import commands as _client_commands  # noqa: E402 - deploy, invoke, ls, rm, logs, top
 
 _client_commands.register(app)
 

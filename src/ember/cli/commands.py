@@ -15,7 +15,7 @@ from typing import Annotated, Any, TypeVar
 
 import typer
 
-from ember.client import (
+from ember.cli.client import (
     DEFAULT_ROLE,
     PROGRESS_MIN_BYTES,
     Client,
@@ -286,7 +286,7 @@ def logs(
     endpoint: Annotated[str | None, _endpoint_option()] = None,
 ) -> None:
     """Print a function's logs (START / END / REPORT and what it printed), like `aws logs tail`."""
-    from ember.funclogs import parse_since
+    from ember.observe.funclogs import parse_since
 
     try:
         since_ms = parse_since(since)
@@ -323,7 +323,7 @@ def top(
     """A live view of functions: requests/s, p50 / p99, warm %, sandboxes, throttles, errors."""
     from rich.console import Console
 
-    from ember import top as top_view
+    from ember.cli import top as top_view
 
     if sort not in top_view.SORT_KEYS:
         raise fail(f"--sort must be one of {', '.join(top_view.SORT_KEYS)}", 2)

@@ -25,7 +25,7 @@ from pathlib import Path
 
 from ember.core.assignment import WAIT, Assigner, Dispatch, Reject, Sandbox, Start, State, Stop
 from ember.core.keepalive import KeepAlivePolicy, policy_from_name
-from ember.trace import Workload
+from ember.sim.trace import Workload
 
 __all__ = ["Result", "compare", "markdown_table", "percentile", "plot", "run", "simulate", "split"]
 
@@ -263,7 +263,7 @@ def run(
     budget_gb: float | None = None,
 ) -> list[Result]:
     """Load, replay every policy, and write results.md, results.jsonl and tradeoff.png to `out`."""
-    from ember.trace import load_trace, synthesise
+    from ember.sim.trace import load_trace, synthesise
 
     workload = synthesise(load_trace(trace, sample), seed=seed, minutes=minutes)
     results = compare(workload, policies, init_s, split(workload, half), budget_gb)
@@ -293,7 +293,10 @@ def markdown_table(results: Sequence[Result]) -> str:
 def plot(results: Sequence[Result], path: Path, title: str = "") -> None:
     """The trade-off: p75 per-function cold-start % against wasted memory (normalised to fixed-10m).
     Fixed keep-alives and Greedy-Dual budgets form curves; other policies are points."""
-    import matplotlib
+    try:
+        import matplotlib
+    except ImportError as e:  # an optional extra: the replay itself needs no plotting library
+        raise RuntimeError("plotting needs matplotlib: pip install 'ember[plot]'") from e
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

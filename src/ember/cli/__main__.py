@@ -1,0 +1,5 @@
+"""`python -m ember.cli` runs the `ember` command."""
+
+from ember.cli.app import app
+
+app()

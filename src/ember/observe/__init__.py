@@ -1,0 +1,2 @@
+"""What operators see: Prometheus metrics, function logs, structured server logs, request ids and the
+operations view."""
