@@ -20,7 +20,8 @@ import pytest
 from botocore.config import Config
 from conftest import create, make_zip, wait_for
 
-from ember.cluster import chaos, layout
+from ember.cluster import layout
+from ember_devtools import chaos
 from ember_devtools.localcluster import LocalCluster, status
 
 if shutil.which("etcd") is None:

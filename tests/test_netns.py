@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from ember.cluster import netns
+from ember_devtools import netns
 from ember_devtools.netns import Fabric, Host, NetnsError, available, cleanup_stale
 
 REASON = available()

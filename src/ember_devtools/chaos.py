@@ -28,6 +28,7 @@ import time
 import zipfile
 from collections import Counter
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import aiohttp
@@ -277,15 +278,15 @@ async def run_scenario(
 
 
 async def run(scenarios: list[str], duration: float, rate: float, use_netns: bool | None) -> list[dict[str, Any]]:
-    fabric_mod = None
-    if use_netns is not False:
-        from ember.cluster import netns as fabric_mod  # type: ignore[no-redef]
+    from ember_devtools import netns
 
-        why = fabric_mod.available()
+    fabric_mod: ModuleType | None = None
+    if use_netns is not False:
+        why = netns.available()
         if why and use_netns:
             raise RuntimeError(f"network namespaces unavailable: {why}")
-        if why:
-            fabric_mod = None
+        if not why:
+            fabric_mod = netns
     out = []
     for scenario in scenarios:
         keep = os.environ.get("EMBER_CHAOS_KEEP")  # a directory: keep each scenario's logs there
