@@ -1,5 +1,6 @@
-"""The control plane: function definitions in Lambda's shapes, validated, stored, and pushed to the
-core (a new generation per change, so no invoke reaches old code once an update has returned).
+"""The control plane: function definitions in Lambda's shapes, validated, stored, and published to
+its listeners (the single node's invoker, which moves the core to a new generation per change, so no
+invoke reaches old code once an update has returned).
 
 The invoke path never touches SQLite: it reads `functions`, kept in memory and written through.
 """
@@ -14,10 +15,10 @@ import time
 import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Protocol
 
 from ember.api.errors import LambdaError, conflict, invalid, not_found
-from ember.core.assignment import Assigner
+from ember.core.assignment import reservation_error
 from ember.core.eventqueue import DEFAULT_MAX_AGE_S, DEFAULT_MAX_RETRIES, RetryPolicy
 from ember.sandbox.process import LaunchSpec
 from ember.store import FunctionRecord, Store, now_iso
@@ -46,16 +47,34 @@ class Settings:
     endpoint: str = "http://127.0.0.1:9000"
 
 
+class FunctionListener(Protocol):
+    """Told every change, synchronously, before the API call that made it returns."""
+
+    def function_put(self, rec: FunctionRecord) -> None: ...
+    def function_deleted(self, name: str) -> None: ...
+
+
 class ControlPlane:
-    def __init__(self, store: Store, core: Assigner, settings: Settings) -> None:
+    def __init__(self, store: Store, settings: Settings, account_limit: int = 1000) -> None:
         self.store = store
-        self.core = core
         self.settings = settings
+        self.account_limit = account_limit
+        self.listeners: list[FunctionListener] = []
         self.functions: dict[str, FunctionRecord] = {}
         self.event_configs: dict[str, tuple[dict[str, Any], float]] = store.load_event_configs()
         for rec in store.load_all():
             self._publish(rec)
         store.gc_code({r.code_sha256 for r in self.functions.values()})
+
+    def subscribe(self, listener: FunctionListener) -> None:
+        """Add a listener; it hears every function there is now, then every change."""
+        self.listeners.append(listener)
+        for rec in self.functions.values():
+            listener.function_put(rec)
+
+    @property
+    def reserved_total(self) -> int:
+        return sum(r.reserved_concurrency or 0 for r in self.functions.values())
 
     # ------------------------------------------------------------------ names
 
@@ -179,9 +198,8 @@ class ControlPlane:
         self.store.delete(rec.name)
         del self.functions[rec.name]
         self.event_configs.pop(rec.name, None)
-        if rec.reserved_concurrency is not None:
-            self.core.set_reserved(rec.name, None)
-        self.core.delete_function(rec.name)
+        for listener in self.listeners:
+            listener.function_deleted(rec.name)
 
     def apply_remote(self, rec: FunctionRecord) -> None:
         """Take a record another cluster process wrote (ember.cluster.catalog)."""
@@ -195,17 +213,18 @@ class ControlPlane:
         value = body.get("ReservedConcurrentExecutions")
         if not isinstance(value, int) or isinstance(value, bool) or value < 0:
             raise invalid("ReservedConcurrentExecutions must be an integer >= 0")
-        error = self.core.set_reserved(rec.name, value)
+        error = reservation_error(self.account_limit, self.reserved_total - (rec.reserved_concurrency or 0) + value)
         if error is not None:
             raise LambdaError(400, "InvalidParameterValueException", error)
         rec.reserved_concurrency = value
         self.store.update(rec)
+        self._publish(rec)
         return value
 
     def delete_concurrency(self, rec: FunctionRecord) -> None:
-        self.core.set_reserved(rec.name, None)
         rec.reserved_concurrency = None
         self.store.update(rec)
+        self._publish(rec)
 
     def account_settings(self) -> dict[str, Any]:
         total = sum(r.code_size for r in self.functions.values())
@@ -214,8 +233,8 @@ class ControlPlane:
                 "TotalCodeSize": 80530636800,
                 "CodeSizeUnzipped": 262144000,
                 "CodeSizeZipped": MAX_ZIP_BYTES,
-                "ConcurrentExecutions": self.core.account_limit,
-                "UnreservedConcurrentExecutions": self.core.account_limit - self.core.reserved_total,
+                "ConcurrentExecutions": self.account_limit,
+                "UnreservedConcurrentExecutions": self.account_limit - self.reserved_total,
             },
             "AccountUsage": {"TotalCodeSize": total, "FunctionCount": len(self.functions)},
         }
@@ -340,12 +359,10 @@ class ControlPlane:
     # ------------------------------------------------------------------ internals
 
     def _publish(self, rec: FunctionRecord) -> None:
-        """Make `rec` what the invoke path sees, and move the core to its generation."""
+        """Make `rec` what the invoke path sees, and tell the listeners."""
         self.functions[rec.name] = rec
-        self.core.put_function(rec.name, rec.revision, int(rec.config["MemorySize"]))
-        fn = self.core.functions[rec.name]
-        if fn.reserved != rec.reserved_concurrency:
-            self.core.set_reserved(rec.name, rec.reserved_concurrency)
+        for listener in self.listeners:
+            listener.function_put(rec)
 
     def _commit(
         self, rec: FunctionRecord, config: dict[str, Any] | None = None, code: tuple[str, int] | None = None

@@ -36,7 +36,7 @@ from ember.api import openapi
 from ember.api.control import ControlPlane
 from ember.api.errors import LambdaError, invalid, service_error
 from ember.invoke.asyncq import MAX_ASYNC_PAYLOAD, AsyncInvoker
-from ember.invoke.local import Worker
+from ember.invoke.protocol import Invoker
 from ember.observe.logs import tail_header
 from ember.observe.reqctx import request_id_var
 from ember.sandbox.process import Outcome, read_bounded
@@ -97,11 +97,11 @@ async def _body_json(request: web.Request) -> dict[str, Any]:
 
 
 class Frontend:
-    def __init__(self, control: ControlPlane, worker: Worker, asyncq: AsyncInvoker | None = None) -> None:
+    def __init__(self, control: ControlPlane, invoker: Invoker, asyncq: AsyncInvoker | None = None) -> None:
         self.on_change: Callable[[str], Awaitable[None]] | None = None  # cluster mode: publish to etcd
         self.on_unknown: Callable[[str], Awaitable[bool]] | None = None  # cluster mode: read through to etcd
         self.control = control
-        self.worker = worker
+        self.invoker = invoker
         self.asyncq = asyncq
         self.accepting = True
 
@@ -186,7 +186,7 @@ class Frontend:
             await self.asyncq.accept(rec.name, payload, request_id)  # returns once durable
             return web.Response(status=202, headers={"x-amzn-RequestId": request_id})
         want_tail = log_type == "Tail"
-        inv, outcome = await self.worker.invoke(rec, payload, request_id, client_context, want_tail)
+        inv, outcome = await self.invoker.invoke(rec, payload, request_id, client_context, want_tail)
         out_headers = {
             "x-amzn-RequestId": request_id,
             "X-Amz-Executed-Version": "$LATEST",
@@ -242,21 +242,18 @@ class Frontend:
     async def delete(self, request: web.Request, request_id: str) -> web.StreamResponse:
         rec = self.control.resolve(request.match_info["name"], request.query.get("Qualifier"))
         self.control.delete(rec)
-        self.worker.apply_effects()
         await self._changed(rec.name)
         return web.Response(status=204, headers={"x-amzn-RequestId": request_id})
 
     async def update_configuration(self, request: web.Request, request_id: str) -> web.StreamResponse:
         rec = self.control.resolve(request.match_info["name"])
         rec = self.control.update_configuration(rec, await _body_json(request))
-        self.worker.apply_effects()
         await self._changed(rec.name)
         return _json(self.control.configuration(rec), request_id)
 
     async def update_code(self, request: web.Request, request_id: str) -> web.StreamResponse:
         rec = self.control.resolve(request.match_info["name"])
         rec = self.control.update_code(rec, await _body_json(request))
-        self.worker.apply_effects()
         await self._changed(rec.name)
         return _json(self.control.configuration(rec), request_id)
 
@@ -330,20 +327,14 @@ class Frontend:
         )
 
     async def health(self, request: web.Request) -> web.StreamResponse:
-        core = self.control.core
         body = {
             "status": "ok" if self.accepting else "stopping",
             "version": __version__,
             "functions": len(self.control.functions),
-            "sandboxes": len(core.sandboxes),
-            "account_concurrency": core.account_limit,
-            "unreserved_inflight": core.unreserved_inflight,
-            **self.worker.stats(),
+            **self.invoker.health(),
         }
         if self.asyncq is not None:
             body["async"] = self.asyncq.summary()
-        if self.worker.isolation is not None:
-            body["isolation"] = self.worker.isolation.health()  # mode; a loud WARNING when not isolated
         return web.Response(body=orjson.dumps(body), content_type="application/json")
 
 

@@ -36,9 +36,8 @@ CONNECT_TIMEOUT_S = 1.0  # a worker cut off: not connected means not sent, so th
 
 
 class ClusterInvoker:
-    """Quacks like ember.invoke.local.Worker for ember.api.frontend.Frontend."""
-
-    isolation = None
+    """The cluster's `Invoker` (ember.invoke.protocol): acquires a sandbox from the function's
+    partition leader and sends the invocation to the worker that holds it."""
 
     def __init__(self, leaders: LeaderMap, partitions: int, max_wait_s: float) -> None:
         self.leaders = leaders
@@ -49,7 +48,6 @@ class ClusterInvoker:
         self.warm_starts = 0
         self.acquire_retries = 0
         self.refused = 0
-        self.observer = None
 
     async def start(self) -> None:
         self.http = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=30))
@@ -58,15 +56,12 @@ class ClusterInvoker:
         if self.http is not None:
             await self.http.close()
 
-    def apply_effects(self) -> None:
-        """Nothing to do: the leaders hold the sandboxes' state."""
-
     def stats(self) -> dict[str, int]:
         return {"cold_starts": self.cold_starts, "warm_starts": self.warm_starts,
                 "acquire_retries": self.acquire_retries, "refused_by_worker": self.refused}
 
-    async def drain(self, timeout_s: float) -> None:
-        return None
+    def health(self) -> dict[str, int]:
+        return self.stats()
 
     async def invoke(
         self, rec: FunctionRecord, payload: bytes, request_id: str, client_context: str | None = None,

@@ -11,16 +11,15 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import signal
 import socket
 import uuid
 from dataclasses import dataclass
 
 from aiohttp import web
 
-from ember.api import auth
 from ember.api.control import ControlPlane, Settings
 from ember.api.frontend import Frontend
+from ember.boot import Boot
 from ember.cluster import layout
 from ember.cluster.assigner import AssignerNode
 from ember.cluster.catalog import Catalog
@@ -30,9 +29,7 @@ from ember.cluster.leaders import LeaderMap
 from ember.cluster.worker import WorkerNode
 from ember.core.assignment import Assigner
 from ember.core.keepalive import policy_from_name
-from ember.sandbox.isolation import Isolation, IsolationConfig
-from ember.server import ServeOptions
-from ember.store import Store
+from ember.options import ServeOptions
 
 log = logging.getLogger("ember.cluster.node")
 
@@ -62,40 +59,34 @@ async def ensure_partitions(etcd, wanted: int) -> int:
 
 
 async def serve_role(opts: ServeOptions, ro: RoleOptions, stop: asyncio.Event | None = None) -> None:
+    """The composition root of one cluster role (start-up and shutdown are ember.boot's, as for serve)."""
     assert ro.role in ROLES, ro.role
-    refusal = auth.bind_refusal(opts.host, bool(opts.credentials), opts.insecure)
-    if refusal:
-        raise SystemExit(refusal)
-    loop = asyncio.get_running_loop()
-    stop = stop or asyncio.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
+    boot = Boot(opts, stop)
+    boot.begin()
     node_id = ro.node_id or f"{ro.role[0]}-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:4]}"
     try:
         etcd = await connect(ro.etcd, prefix=ro.etcd_prefix)
         partitions = await ensure_partitions(etcd, ro.partitions)
     except EtcdError as exc:
+        await boot.close()
         raise SystemExit(f"ember: {exc}") from None
-    opts.data_dir.mkdir(parents=True, exist_ok=True)
-    store = Store(opts.data_dir)
-    core = Assigner(account_limit=opts.account_concurrency)  # the replica's; invokes never use it
+    boot.on_close(etcd.close)
+    store = boot.store()
     settings = Settings(region=opts.region, endpoint=f"http://{opts.host}:{opts.port}")
-    control = ControlPlane(store, core, settings)
+    control = ControlPlane(store, settings, account_limit=opts.account_concurrency)
     catalog = Catalog(etcd, control, fetch_code=ro.role == "worker")
     await catalog.start()
-    middlewares = [auth.middleware(auth.Verifier(opts.credentials))] if opts.credentials else []
-    app = web.Application(client_max_size=80 * 1024 * 1024, middlewares=middlewares if ro.role == "frontend" else [])
-    runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=opts.drain_s)
-    isolation = None
+    boot.on_close(catalog.stop)
+    app = boot.app(authenticate=ro.role == "frontend")  # internal roles: see docs/decisions/0004
     node: AssignerNode | WorkerNode | None = None
-    leaders: LeaderMap | None = None
-    invoker: ClusterInvoker | None = None
     if ro.role == "frontend":
         leaders = LeaderMap(etcd)
         await leaders.start()
+        boot.on_close(leaders.stop)
         invoker = ClusterInvoker(leaders, partitions, max_wait_s=15.0)
         await invoker.start()
-        frontend = Frontend(control, invoker)  # type: ignore[arg-type]
+        boot.on_close(invoker.stop)
+        frontend = Frontend(control, invoker)
         frontend.on_change = catalog.publish
         frontend.on_unknown = catalog.fetch
 
@@ -104,6 +95,7 @@ async def serve_role(opts: ServeOptions, ro: RoleOptions, stop: asyncio.Event | 
                                       "partitions": partitions, **invoker.stats()})
 
         app.router.add_get("/_cluster/status", status)
+        # TODO-merge metrics.routes(app, "frontend", invoker.counters)
         frontend.routes(app)
     if ro.role == "assigner":
         keep_alive = opts.keep_alive
@@ -117,50 +109,23 @@ async def serve_role(opts: ServeOptions, ro: RoleOptions, stop: asyncio.Event | 
                             account_limit=opts.account_concurrency)
         catalog.listeners.append(node.function_changed)
         node.routes(app)
+        # TODO-merge metrics.routes(app, "assigner", node.counters)
     elif ro.role == "worker":
-        try:
-            isolation = Isolation(
-                IsolationConfig(mode=opts.isolation, pool=opts.pool, ephemeral_mb=opts.ephemeral_storage_mb),
-                opts.data_dir,
-            )
-        except (ValueError, RuntimeError) as exc:
-            raise SystemExit(f"ember: {exc}") from None
-        await isolation.start()
+        isolation = await boot.isolation()
         node = WorkerNode(etcd, node_id, "", control, catalog, isolation, partitions, ro.lease_ttl, ro.capacity_mb)
         node.routes(app)
-    await runner.setup()
-    site = web.TCPSite(runner, opts.host, opts.port, backlog=1024, reuse_address=True)
-    try:
-        await site.start()
-    except OSError as exc:
-        await runner.cleanup()
-        raise SystemExit(f"ember: cannot listen on {opts.host}:{opts.port}: {exc.strerror}") from None
-    port = runner.addresses[0][1]
-    url = f"http://{opts.host}:{port}"
+        # TODO-merge metrics.routes(app, "worker", node.counters)
+    url = await boot.listen(app)
     settings.endpoint = url
     if node is not None:
         node.url = url  # known once bound: it is what the node registers in etcd
         await node.start()
-    keys = len(opts.credentials or ())
-    auth_note = f"auth on: SigV4, {keys} key{'s' * (keys != 1)}" if keys else "auth off"
-    print(f"ember {ro.role} listening on {url} (id {node_id}, {auth_note})", flush=True)
+        boot.on_close(node.stop)
+    print(f"ember {ro.role} listening on {url} (id {node_id}, {boot.auth_note()})", flush=True)
     try:
-        await stop.wait()
+        await boot.stop.wait()
     finally:
-        await runner.cleanup()
-        if node is not None:
-            await node.stop()
-        if invoker is not None:
-            await invoker.stop()
-        if leaders is not None:
-            await leaders.stop()
-        if isolation is not None:
-            await isolation.close()
-        await catalog.stop()
-        await etcd.close()
-        store.close()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.remove_signal_handler(sig)
+        await boot.close()
 
 
 def run_role(opts: ServeOptions, ro: RoleOptions) -> None:

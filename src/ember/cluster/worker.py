@@ -6,6 +6,10 @@ over HTTP and go through Host first; READY, RELEASE and GONE go to whoever leads
 (read from a watch on `partitions/`), best effort: a lost one is repaired by the leader's probes.
 When its session is lost it fences itself before etcd can expire it (H5): every sandbox is killed
 (their invocations end with an error), and it registers again as a new incarnation.
+
+The sandboxes' lifecycle (timeouts, exits, init deadline, discards) is ember.sandbox.host's, the
+same as the single node's; this file is the host's sink for the cluster: it turns what the host
+reports into Host (slot table) moves and READY/RELEASE/GONE messages.
 """
 
 from __future__ import annotations
@@ -25,10 +29,9 @@ from ember.api.control import ControlPlane
 from ember.cluster.catalog import Catalog
 from ember.cluster.etcd import Etcd, EtcdError, Session, SessionLost, dumps
 from ember.cluster.leaders import LeaderMap
-from ember.core.assignment import Function, Sandbox
 from ember.core.host import Host, SlotState
-from ember.invoke.local import INIT_TIMEOUT_S, _signame
-from ember.sandbox.process import Invocation, Outcome, SandboxProcess
+from ember.sandbox.host import SandboxHost
+from ember.sandbox.process import Invocation, Outcome, SandboxProcess, SandboxRef
 
 log = logging.getLogger("ember.cluster.worker")
 
@@ -53,16 +56,32 @@ class WorkerNode:
         self.ttl = ttl
         self.capacity_mb = capacity_mb
         self.loop = asyncio.get_running_loop()
-        self.host = Host(0)  # replaced by a registered incarnation in start()
-        self.procs: dict[int, SandboxProcess] = {}
+        self.host = Host(0)  # the slot table (sans-IO); replaced by a registered incarnation in start()
+        self.sandboxes = SandboxHost(self, isolation)  # the processes
         self.leaders = LeaderMap(etcd)
         self.partition_of: dict[int, int] = {}  # sandbox -> partition
-        self.init_errors: dict[int, Outcome] = {}  # sandbox -> why its init failed, until it exits
         self.session: Session | None = None
         self.http: aiohttp.ClientSession | None = None
-        self._tasks: list[asyncio.Task[None]] = []
+        self._tasks: set[asyncio.Task[None]] = set()
         self._notifying = 0
+        self.notify_dropped = 0  # READY/RELEASE/GONE not sent (no leader known, or MAX_NOTIFY in flight)
         self.stopping = False
+
+    @property
+    def procs(self) -> dict[int, SandboxProcess]:
+        return self.sandboxes.procs
+
+    def _spawn(self, coro: Any) -> None:
+        task = self.loop.create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def counters(self) -> dict[str, int]:
+        """For /metrics (ember.cluster.metrics)."""
+        return {
+            "sandboxes": len(self.procs), "notify_dropped": self.notify_dropped,
+            "notify_in_flight": self._notifying, **self.sandboxes.stats(),
+        }
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -70,7 +89,7 @@ class WorkerNode:
         self.http = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=512))
         await self.leaders.start()
         await self._register()
-        self._tasks.append(asyncio.create_task(self._guard_session()))
+        self._spawn(self._guard_session())
 
     async def _register(self) -> None:
         session = await Session(self.etcd, self.ttl).start()
@@ -97,8 +116,7 @@ class WorkerNode:
                 return
             log.warning("worker session lost: fencing itself", extra={"reason": session.lost_reason})
             self.host = Host(0)  # accepts nothing until registered again
-            for proc in list(self.procs.values()):
-                proc.kill()
+            self.sandboxes.kill_all()
             with contextlib.suppress(Exception):
                 await session.close()
             while not self.stopping:
@@ -116,18 +134,13 @@ class WorkerNode:
                    "incarnation": self.host.incarnation, "leaving": True}
             with contextlib.suppress(EtcdError, SessionLost):
                 await session.register(f"workers/{self.id}", dumps(doc))
-            deadline = self.loop.time() + LEAVE_DRAIN_S
-            while any(p.current is not None for p in self.procs.values()) and self.loop.time() < deadline:
-                await asyncio.sleep(0.05)  # running invocations finish (bounded)
+            await self.sandboxes.drain(LEAVE_DRAIN_S)  # running invocations finish (bounded)
         self.stopping = True
-        for task in self._tasks:
+        for task in list(self._tasks):
             task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
         await self.leaders.stop()
-        for proc in list(self.procs.values()):
-            proc.kill()
-        for proc in list(self.procs.values()):
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(proc.exited.wait(), 5.0)
+        await self.sandboxes.stop()
         if self.session is not None:
             with contextlib.suppress(Exception):
                 await self.session.close()
@@ -150,7 +163,7 @@ class WorkerNode:
         p, epoch, sid = int(b["partition"]), int(b["epoch"]), int(b["sandbox"])
         if not self.host.start(sid, p, epoch, int(b["incarnation"])):
             return web.json_response({"refused": "fenced"}, status=409)
-        self.loop.create_task(self._launch(sid, p, b["function"], int(b["revision"])))
+        self._spawn(self._launch(sid, p, b["function"], int(b["revision"])))
         return web.json_response({"ok": True}, status=202)
 
     async def _launch(self, sid: int, p: int, name: str, revision: int) -> None:
@@ -165,21 +178,8 @@ class WorkerNode:
             self.host.exited(sid)
             self._notify(p, "gone", sid, None)
             return
-        fn = Function(name, revision, None, spec.memory_mb)
-        proc = SandboxProcess(Sandbox(sid, fn, self.loop.time()), spec, self, self.isolation)
         self.partition_of[sid] = p
-        self.procs[sid] = proc
-        try:
-            await proc.launch()
-        except Exception:
-            log.exception("sandbox launch failed", extra={"sandbox": sid})
-            self.sandbox_exited(proc, -1)
-            return
-        self.loop.call_later(INIT_TIMEOUT_S, self._init_deadline, proc)
-
-    def _init_deadline(self, proc: SandboxProcess) -> None:
-        if not proc.ready and proc.sandbox.id in self.procs:
-            proc.kill()
+        self.sandboxes.start(SandboxRef(sid, name, revision), spec)
 
     async def invoke(self, request: web.Request) -> web.Response:
         """INVOKE(sandbox, lease epoch, request): w_accept runs it and answers the outcome; w_reject: 409."""
@@ -196,10 +196,7 @@ class WorkerNode:
         assert proc is not None
         inv = Invocation(rid, payload, self.loop.create_future(), request.headers.get("X-Amz-Client-Context"))
         inv.want_tail = request.headers.get("X-Ember-Tail") == "1"
-        inv.deadline_ms = int(time.time() * 1000 + proc.spec.timeout_s * 1000)
-        inv.proc = proc
-        proc.deliver(inv)
-        proc.timer = self.loop.call_later(proc.spec.timeout_s, self._on_timeout, proc, inv)
+        self.sandboxes.dispatch(proc, inv)
         outcome: Outcome = await asyncio.shield(inv.future)
         headers = {"Content-Type": "application/json", "X-Ember-Cold": "1" if inv.cold else "0"}
         if outcome.kind is not Outcome.OK:
@@ -207,17 +204,6 @@ class WorkerNode:
             if outcome.error_type:
                 headers["X-Ember-Error-Type"] = outcome.error_type
         return web.Response(body=outcome.body, headers=headers)
-
-    def _on_timeout(self, proc: SandboxProcess, inv: Invocation) -> None:
-        proc.timer = None
-        if inv.future.done() or proc.current is not inv:
-            if proc.resetting:  # answered but never asked for more work
-                proc.kill()
-            return
-        proc.finish(inv, Outcome.runtime_error(
-            Outcome.TIMEOUT, "Sandbox.Timedout",
-            f"RequestId: {inv.request_id} Error: Task timed out after {proc.spec.timeout_s:.2f} seconds"))
-        proc.kill()
 
     async def sync(self, request: web.Request) -> web.Response:
         """SYNC(epoch, probe): raise the fence, answer the partition's inventory (w_sync)."""
@@ -234,17 +220,14 @@ class WorkerNode:
         b = await request.json(loads=orjson.loads)
         sid = int(b["sandbox"])
         if self.host.destroy(sid, int(b["partition"]), int(b["epoch"])):
-            proc = self.procs.get(sid)
-            if proc is not None:
-                proc.stopping = True
-                proc.kill()
+            self.sandboxes.kill(sid)
         return web.json_response({"ok": True})
 
     async def status(self, request: web.Request) -> web.Response:
         names = {SlotState.STARTING: "starting", SlotState.IDLE: "idle", SlotState.BUSY: "busy"}
         slots = [
             {"sandbox": sid, "partition": s.partition, "state": names[s.state], "request": s.request,
-             "function": self.procs[sid].sandbox.function.name if sid in self.procs else None}
+             "function": self.procs[sid].ref.function if sid in self.procs else None}
             for sid, s in sorted(self.host.slots.items())
         ]
         return web.json_response({
@@ -253,62 +236,47 @@ class WorkerNode:
             "sandboxes": slots,
         })
 
-    # ------------------------------------------------------------------ SandboxEvents
+    # ------------------------------------------------------------------ HostEvents
 
-    def sandbox_ready(self, proc: SandboxProcess) -> None:
-        if proc.timer is not None:
-            proc.timer.cancel()
-            proc.timer = None
-        sid = proc.sandbox.id
-        said = self.host.ready(sid)
+    def wanted(self, ref: SandboxRef) -> bool:
+        return ref.id in self.host.slots
+
+    def ready(self, ref: SandboxRef) -> None:
+        said = self.host.ready(ref.id)
         if said is not None:
             kind, rid = said
-            self._notify(self.partition_of.get(sid, 0), kind, sid, rid)
+            self._notify(self.partition_of.get(ref.id, 0), kind, ref.id, rid)
 
-    def sandbox_init_failed(self, proc: SandboxProcess, error: Outcome) -> None:
-        self.init_errors[proc.sandbox.id] = error  # sent with GONE: the leader answers the waiting request
-        proc.kill()
+    def init_failed(self, ref: SandboxRef, error: Outcome) -> None:
+        """Nothing to do yet: the error goes with GONE once the process is gone (the leader answers
+        the waiting request with it)."""
 
-    def sandbox_result(self, proc: SandboxProcess, inv: Invocation, outcome: Outcome) -> None:
-        if not proc.finish(inv, outcome):
-            return
-        if outcome.error_type == "Runtime.InvalidStateTransition":
-            proc.kill()
-        else:
-            proc.resetting = True  # the slot stays BUSY until the runtime asks again (H2)
+    def finished(self, ref: SandboxRef, inv: Invocation, outcome: Outcome) -> None:
+        """The slot stays BUSY until the runtime asks again (H2): READY/RELEASE are sent then."""
 
-    def sandbox_exited(self, proc: SandboxProcess, returncode: int) -> None:
-        sid = proc.sandbox.id
-        self.procs.pop(sid, None)
-        if proc.timer is not None:
-            proc.timer.cancel()
-            proc.timer = None
-        slot = self.host.exited(sid)
-        self.partition_of.pop(sid, None)
-        inv = proc.current
-        if inv is not None and not inv.future.done():
-            status = f"signal: {_signame(-returncode)}" if returncode < 0 else f"exit status {returncode}"
-            exit_type = "Runtime.ExitError"
-            if proc.jail is not None and proc.jail.oom:
-                exit_type, status = "Runtime.OutOfMemory", "signal: killed"
-            proc.finish(inv, Outcome.runtime_error(
-                Outcome.EXIT, exit_type, f"RequestId: {inv.request_id} Error: Runtime exited with error: {status}"))
-        error = self.init_errors.pop(sid, None)
+    def discarded(self, ref: SandboxRef) -> None:
+        """The kill that follows ends in GONE: the leader forgets the sandbox then."""
+
+    def exited(self, ref: SandboxRef, proc: SandboxProcess) -> None:
+        slot = self.host.exited(ref.id)
+        self.partition_of.pop(ref.id, None)
+        error = proc.init_error
         if slot is not None:
             detail = None if error is None else {"body": error.body.decode(errors="replace"), "type": error.error_type}
-            self._notify(slot.partition, "gone", sid, None, detail)
+            self._notify(slot.partition, "gone", ref.id, None, detail)
 
     # ------------------------------------------------------------------ to the leader
 
     def _notify(self, p: int, kind: str, sid: int, rid: str | None, init_error: dict[str, Any] | None = None) -> None:
         leader = self.leaders.get(p)
         if leader is None or self._notifying >= MAX_NOTIFY or self.http is None:
+            self.notify_dropped += 1
             return  # nobody leads, or too much in flight: the next leader's reconciliation repairs it
         url, epoch = leader
         body = {"partition": p, "epoch": epoch, "worker": self.id, "sandbox": sid, "request_id": rid,
                 "init_error": init_error}
         self._notifying += 1
-        self.loop.create_task(self._post(f"{url}/_cluster/{kind}", body))
+        self._spawn(self._post(f"{url}/_cluster/{kind}", body))
 
     async def _post(self, url: str, body: dict[str, Any]) -> None:
         assert self.http is not None

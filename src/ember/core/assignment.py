@@ -174,6 +174,22 @@ class Reject(NamedTuple):
 Effect = Start | Stop | Dispatch | Reject
 
 
+def min_unreserved(account_limit: int) -> int:
+    """Lambda keeps 100 of 1000 unreserved; scaled down for small accounts."""
+    return min(100, account_limit // 10)
+
+
+def reservation_error(account_limit: int, reserved_total: int) -> str | None:
+    """Why reserving `reserved_total` in all would be refused: it leaves too little unreserved."""
+    floor = min_unreserved(account_limit)
+    if account_limit - reserved_total < floor:
+        return (
+            f"Specified ReservedConcurrentExecutions for function decreases account's "
+            f"UnreservedConcurrentExecution below its minimum value of [{floor}]."
+        )
+    return None
+
+
 class Assigner:
     """The stateful load balancer of one node (or, in cluster mode, of one partition)."""
 
@@ -210,8 +226,7 @@ class Assigner:
 
     @property
     def min_unreserved(self) -> int:
-        """Lambda keeps 100 of 1000 unreserved; scaled down for small accounts."""
-        return min(100, self.account_limit // 10)
+        return min_unreserved(self.account_limit)
 
     def put_function(self, name: str, generation: int, memory_mb: int = 128, now: float = 0.0) -> Function:
         """Create a function, or move it to a new generation: older sandboxes are retired (R5)."""
@@ -248,11 +263,8 @@ class Assigner:
         fn = self.functions[name]
         assert reserved is None or reserved >= 0
         new_total = self.reserved_total - (fn.reserved or 0) + (reserved or 0)
-        if reserved is not None and self.account_limit - new_total < self.min_unreserved:
-            return (
-                f"Specified ReservedConcurrentExecutions for function decreases account's "
-                f"UnreservedConcurrentExecution below its minimum value of [{self.min_unreserved}]."
-            )
+        if reserved is not None and (error := reservation_error(self.account_limit, new_total)) is not None:
+            return error
         if fn.reserved is None and reserved is not None:
             self.unreserved_inflight -= fn.inflight
         elif fn.reserved is not None and reserved is None:

@@ -6,7 +6,7 @@ writer thread: accepts that arrive while a commit is in flight share the next on
 accept rate follows the batch size, not the fsync latency.
 
 Dispatchers drain the queue through the same load balancer path as synchronous invokes
-(`Worker.invoke`), so reserved and account concurrency apply. What happens after a run (retry when,
+(`LocalInvoker.invoke`), so reserved and account concurrency apply. What happens after a run (retry when,
 finish how) is decided by the sans-IO `EventQueue` (core/eventqueue.py); this module persists each
 decision before acting on it. Delivery is at least once: an event whose run was not yet recorded
 when ember died runs again after the restart, with the same request id (handlers deduplicate on
@@ -115,7 +115,7 @@ class AsyncInvoker:
     ) -> None:
         self.path = data_dir / "queue.db"
         self.functions = functions  # name -> FunctionRecord, the control plane's live view
-        self.invoke = invoke  # Worker.invoke
+        self.invoke = invoke  # LocalInvoker.invoke
         self.arn = arn
         self.policy_for = policy_for  # name -> (RetryPolicy, destinations: on_success/on_failure/dlq ARNs)
         self.core = EventQueue(max_inflight=max_inflight, delay_scale=delay_scale)

@@ -1,61 +1,57 @@
-"""The node's invoke path: drives the sans-IO core and carries out its decisions on real sandboxes.
+"""The single node's invoke path: drives the sans-IO core (Assigner) and carries out its decisions on
+this process's sandboxes (ember.sandbox.host).
 
 Data flows one way: the frontend calls `invoke`; the core picks a sandbox (or queues, or throttles);
-the worker delivers the payload to that sandbox's Runtime API; the sandbox's answer resolves the
-invocation. Every lifecycle event of a sandbox (ready, init failure, result, exit) goes back into the
-core first, and the core's effects (start, stop, dispatch, reject) are applied right after, so the
-core's view and the processes never drift apart.
+the host delivers the payload to that sandbox's Runtime API; the sandbox's answer resolves the
+invocation. Every lifecycle event the host reports (ready, init failure, result, discard, exit) goes
+into the core first, and the core's effects (start, stop, dispatch, reject) are applied right after,
+so the core's view and the processes never drift apart. Function changes arrive from the control
+plane as a listener (`function_put`, `function_deleted`).
 
-Waits are bounded: queued invokes by the core's queue deadline, running ones by the function's
-timeout (a timer per invocation), inits by INIT_TIMEOUT_S.
+Waits are bounded: queued invokes by the core's queue deadline, running ones by the host's timers.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from collections.abc import Callable
 from typing import Any
 
 from ember.api.errors import LambdaError, not_found, throttled
-from ember.core.assignment import (
-    WAIT,
-    Assigner,
-    Dispatch,
-    Reject,
-    Sandbox,
-    Start,
-    State,
-    Stop,
-    Throttle,
-)
+from ember.core.assignment import WAIT, Assigner, Dispatch, Reject, Sandbox, Start, State, Stop, Throttle
 from ember.observe.metrics import Observer
-from ember.sandbox.process import Invocation, LaunchSpec, Outcome, SandboxProcess
+from ember.sandbox.host import SandboxHost
+from ember.sandbox.process import Invocation, LaunchSpec, Outcome, SandboxProcess, SandboxRef
 from ember.store import FunctionRecord
 
 log = logging.getLogger("ember.invoke.local")
 
-INIT_TIMEOUT_S = 10.0  # Lambda's cap on the init phase
 TICK_S = 0.5
 
 
-class Worker:
-    """Hosts this node's sandboxes and runs invocations on them, as the core decides."""
+class LocalInvoker:
+    """Runs invocations on this node's sandboxes, as the core decides. An `Invoker` and the host's sink."""
 
     def __init__(
-        self, core: Assigner, launch_spec: Callable[[str, int], LaunchSpec | None], isolation: Any = None
+        self,
+        core: Assigner,
+        launch_spec: Callable[[str, int], LaunchSpec | None],
+        observer: Observer,
+        isolation: Any = None,
     ) -> None:
         self.core = core
-        self.isolation = isolation  # ember.sandbox.isolation.Isolation, or None: plain processes
         self.launch_spec = launch_spec  # (function, sandbox id) -> how to start it, per current config
+        self.observer = observer
+        self.isolation = isolation
         self.loop = asyncio.get_running_loop()
-        self.procs: dict[int, SandboxProcess] = {}
+        self.sandboxes = SandboxHost(self, isolation)
         self.waiting: dict[str, Invocation] = {}  # queued in the core, keyed by request id
         self._tick_task: asyncio.Task[None] | None = None
-        self.cold_starts = 0
-        self.warm_starts = 0
-        self.observer = Observer(core)  # metrics and function logs (ember.observe.metrics)
+
+    @property
+    def procs(self) -> dict[int, SandboxProcess]:
+        return self.sandboxes.procs
 
     def start(self) -> None:
         self._tick_task = self.loop.create_task(self._ticker())
@@ -65,6 +61,27 @@ class Worker:
             await asyncio.sleep(TICK_S)
             self.core.tick(self.loop.time())
             self.apply_effects()
+
+    # ------------------------------------------------------------------ control-plane listener
+
+    def function_put(self, rec: FunctionRecord) -> None:
+        """A function was created or changed: a new revision retires older sandboxes."""
+        core = self.core
+        core.put_function(rec.name, rec.revision, int(rec.config["MemorySize"]), self.loop.time())
+        if core.functions[rec.name].reserved != rec.reserved_concurrency:
+            error = core.set_reserved(rec.name, rec.reserved_concurrency)
+            assert error is None, error  # the control plane validated it against the same limit
+        self.apply_effects()
+
+    def function_deleted(self, name: str) -> None:
+        core = self.core
+        fn = core.functions.get(name)
+        if fn is None:
+            return
+        if fn.reserved is not None:
+            core.set_reserved(name, None)
+        core.delete_function(name, self.loop.time())
+        self.apply_effects()
 
     # ------------------------------------------------------------------ the invoke path
 
@@ -97,6 +114,7 @@ class Worker:
         except asyncio.CancelledError:
             if self.waiting.pop(request_id, None) is not None:
                 self.core.cancel(request_id, rec.name)
+                self.sandboxes.poke()
             raise
         except LambdaError as exc:  # rejected while it waited: a full queue's deadline is a throttle
             if exc.status == 429:
@@ -106,67 +124,26 @@ class Worker:
         return inv, outcome
 
     def _dispatch(self, inv: Invocation, sb: Sandbox) -> None:
-        proc = self.procs[sb.id]
-        spec = proc.spec
-        inv.deadline_ms = int(time.time() * 1000 + spec.timeout_s * 1000)
-        inv.proc = proc
-        proc.deliver(inv)
-        # The timeout covers the invocation and the runtime's turn back to /next (as in Lambda, work
-        # after the response counts); it is cancelled when the runtime asks for more work.
-        proc.timer = self.loop.call_later(spec.timeout_s, self._on_timeout, proc, inv)
-        if inv.cold:
-            self.cold_starts += 1
-        else:
-            self.warm_starts += 1
-
-    def _on_timeout(self, proc: SandboxProcess, inv: Invocation) -> None:
-        proc.timer = None
-        sb = proc.sandbox
-        if inv.future.done() or proc.current is not inv:
-            if sb.state is State.RESETTING and proc.resetting:  # answered, but never asked for more
-                log.warning(
-                    "runtime did not ask for the next invocation within the timeout; sandbox discarded",
-                    extra={"request_id": inv.request_id, "function": sb.function.name, "sandbox": sb.id},
-                )
-                self.core.discard(sb, self.loop.time())
-                self.apply_effects()
-            return
-        log.info(
-            "invocation timed out",
-            extra={"request_id": inv.request_id, "function": sb.function.name, "sandbox": sb.id},
-        )
-        self.core.discard(sb, self.loop.time())
-        proc.finish(
-            inv,
-            Outcome.runtime_error(
-                Outcome.TIMEOUT,
-                "Sandbox.Timedout",
-                f"RequestId: {inv.request_id} Error: Task timed out after {proc.spec.timeout_s:.2f} seconds",
-            ),
-        )
-        self.apply_effects()
+        proc = self.sandboxes.get(sb.id)
+        assert proc is not None, f"the core dispatched to sandbox {sb.id}, which the host does not hold"
+        self.sandboxes.dispatch(proc, inv)
 
     # ------------------------------------------------------------------ effects
 
     def apply_effects(self) -> None:
         """Carry out the core's decisions, in order."""
         for effect in self.core.take_effects():
-            kind = type(effect)
-            if kind is Dispatch:
-                inv = self.waiting.pop(effect.request_id)
-                self._dispatch(inv, effect.sandbox)
-            elif kind is Start:
+            if isinstance(effect, Dispatch):
+                self._dispatch(self.waiting.pop(effect.request_id), effect.sandbox)
+            elif isinstance(effect, Start):
                 self._launch(effect.sandbox)
-            elif kind is Stop:
-                proc = self.procs.get(effect.sandbox.id)
-                if proc is not None:
-                    proc.kill()
-            elif kind is Reject:
-                assert isinstance(effect, Reject)
-                inv = self.waiting.pop(effect.request_id)
-                self._reject(inv, effect)
+            elif isinstance(effect, Stop):
+                self.sandboxes.kill(effect.sandbox.id)
+            elif isinstance(effect, Reject):
+                self._reject(self.waiting.pop(effect.request_id), effect)
 
     def _reject(self, inv: Invocation, effect: Reject) -> None:
+        self.sandboxes.poke()
         if effect.reason == "init-failed":
             detail = effect.detail
             if isinstance(detail, Outcome):
@@ -191,116 +168,67 @@ class Worker:
             self.core.sandbox_failed(sb, self.loop.time(), None)
             self.core.sandbox_exited(sb, self.loop.time())
             return
-        proc = SandboxProcess(sb, spec, self, self.isolation)
-        self.procs[sb.id] = proc
-        self.loop.create_task(self._launch_proc(proc))
+        self.sandboxes.start(SandboxRef(sb.id, sb.function.name, sb.generation), spec)
 
-    async def _launch_proc(self, proc: SandboxProcess) -> None:
-        try:
-            await proc.launch()
-        except Exception:  # pragma: no cover - defensive: an ember-side failure to start
-            log.exception("sandbox launch failed", extra={"sandbox": proc.sandbox.id})
-            self.sandbox_init_failed(
-                proc,
-                Outcome.runtime_error(
-                    Outcome.FUNCTION_ERROR, "ServiceException", "ember failed to start a sandbox"
-                ),
-            )
-            self.sandbox_exited(proc, -1)
-            return
-        if proc.sandbox.state is not State.STARTING:
-            proc.kill()  # retired while it was being spawned
-            return
-        self.loop.call_later(INIT_TIMEOUT_S, self._init_deadline, proc)
+    # ------------------------------------------------------------------ HostEvents
 
-    def _init_deadline(self, proc: SandboxProcess) -> None:
-        if not proc.ready and proc.sandbox.state is State.STARTING:
-            self.sandbox_init_failed(
-                proc,
-                Outcome.runtime_error(
-                    Outcome.TIMEOUT,
-                    "Sandbox.Timedout",
-                    f"RequestId: {{request_id}} Error: Init timed out after {INIT_TIMEOUT_S:.0f} seconds",
-                ),
-            )
+    def wanted(self, ref: SandboxRef) -> bool:
+        sb = self.core.sandboxes.get(ref.id)
+        return sb is not None and sb.state is State.STARTING
 
-    # ------------------------------------------------------------------ SandboxEvents
+    def ready(self, ref: SandboxRef) -> None:
+        sb = self.core.sandboxes.get(ref.id)
+        if sb is not None:
+            self.core.sandbox_ready(sb, self.loop.time())
+            if self.core.has_effects():
+                self.apply_effects()
 
-    def sandbox_ready(self, proc: SandboxProcess) -> None:
-        timer = proc.timer
-        if timer is not None:
-            proc.timer = None
-            timer.cancel()
-        self.core.sandbox_ready(proc.sandbox, self.loop.time())
-        if self.core.has_effects():
+    def init_failed(self, ref: SandboxRef, error: Outcome) -> None:
+        sb = self.core.sandboxes.get(ref.id)
+        if sb is not None and sb.state is State.STARTING:
+            self.core.sandbox_failed(sb, self.loop.time(), error)
             self.apply_effects()
 
-    def sandbox_init_failed(self, proc: SandboxProcess, error: Outcome) -> None:
-        self.core.sandbox_failed(proc.sandbox, self.loop.time(), error)
-        self.apply_effects()
-        proc.kill()
+    def finished(self, ref: SandboxRef, inv: Invocation, outcome: Outcome) -> None:
+        sb = self.core.sandboxes.get(ref.id)
+        if sb is not None:
+            self.core.finish(sb, self.loop.time())  # ready again when the runtime asks
+            if self.core.has_effects():
+                self.apply_effects()
 
-    def sandbox_result(self, proc: SandboxProcess, inv: Invocation, outcome: Outcome) -> None:
-        if not proc.finish(inv, outcome):
-            return
-        if outcome.error_type == "Runtime.InvalidStateTransition":
-            self.core.discard(proc.sandbox, self.loop.time())
-        else:
-            self.core.finish(proc.sandbox, self.loop.time())  # ready again when the runtime asks
-            proc.resetting = True
-        if self.core.has_effects():
+    def discarded(self, ref: SandboxRef) -> None:
+        sb = self.core.sandboxes.get(ref.id)
+        if sb is not None and sb.state in (State.BUSY, State.RESETTING):  # else already told to stop
+            self.core.discard(sb, self.loop.time())
             self.apply_effects()
 
-    def sandbox_exited(self, proc: SandboxProcess, returncode: int) -> None:
-        sb = proc.sandbox
-        now = self.loop.time()
-        self.procs.pop(sb.id, None)
-        status = f"signal: {_signame(-returncode)}" if returncode < 0 else f"exit status {returncode}"
-        exit_type = "Runtime.ExitError"
-        if proc.jail is not None and proc.jail.oom:  # its cgroup's OOM killer acted: Lambda's shape
-            exit_type, status = "Runtime.OutOfMemory", "signal: killed"
-        if sb.state is State.STARTING:
-            self.core.sandbox_failed(
-                sb,
-                now,
-                Outcome.runtime_error(
-                    Outcome.EXIT,
-                    exit_type,
-                    f"RequestId: {{request_id}} Error: Runtime exited with error: {status}",
-                ),
-            )
-        if proc.timer is not None:
-            proc.timer.cancel()
-            proc.timer = None
-        self.core.sandbox_exited(sb, now)
-        self.observer.sandbox_exited(sb.function.name, proc)
-        inv = proc.current
-        if inv is not None and not inv.future.done():
-            if not proc.stopping:
-                log.warning(
-                    "sandbox exited during an invocation",
-                    extra={"request_id": inv.request_id, "function": sb.function.name, "status": status},
-                )
-            proc.finish(
-                inv,
-                Outcome.runtime_error(
-                    Outcome.EXIT,
-                    exit_type,
-                    f"RequestId: {inv.request_id} Error: Runtime exited with error: {status}",
-                ),
-            )
+    def exited(self, ref: SandboxRef, proc: SandboxProcess) -> None:
+        sb = self.core.sandboxes.get(ref.id)
+        if sb is not None:
+            self.core.sandbox_exited(sb, self.loop.time())
+        self.observer.sandbox_exited(ref.function, proc)
         self.apply_effects()
 
-    # ------------------------------------------------------------------ shutdown
+    # ------------------------------------------------------------------ health and shutdown
+
+    def health(self) -> dict[str, Any]:
+        core = self.core
+        body: dict[str, Any] = {
+            "sandboxes": len(core.sandboxes),
+            "account_concurrency": core.account_limit,
+            "unreserved_inflight": core.unreserved_inflight,
+            **self.sandboxes.stats(),
+        }
+        if self.isolation is not None:
+            body["isolation"] = self.isolation.health()  # mode; a loud WARNING when not isolated
+        return body
+
+    def stats(self) -> dict[str, int]:
+        return self.sandboxes.stats()
 
     async def drain(self, timeout_s: float) -> None:
         """Wait (bounded) for running and queued invocations to finish."""
-        deadline = self.loop.time() + timeout_s
-        while self.loop.time() < deadline:
-            busy = any(p.current is not None for p in self.procs.values()) or self.waiting
-            if not busy:
-                return
-            await asyncio.sleep(0.05)
+        await self.sandboxes.drain(timeout_s, lambda: bool(self.waiting))
 
     async def stop(self) -> None:
         """Stop every sandbox and wait until every process is gone."""
@@ -308,25 +236,4 @@ class Worker:
             self._tick_task.cancel()
         self.core.shutdown()
         self.apply_effects()
-        for proc in list(self.procs.values()):
-            proc.kill()
-        for proc in list(self.procs.values()):
-            try:
-                await asyncio.wait_for(proc.exited.wait(), 5.0)
-            except TimeoutError:  # pragma: no cover - SIGKILL does not fail
-                log.error("sandbox did not exit", extra={"sandbox": proc.sandbox.id, "pid": proc.pid})
-
-    def stats(self) -> dict[str, int]:
-        return {
-            "sandboxes": len(self.procs),
-            "cold_starts": self.cold_starts,
-            "warm_starts": self.warm_starts,
-        }
-
-
-_SIGNALS = {9: "killed", 15: "terminated", 11: "segmentation fault", 6: "aborted", 2: "interrupt"}
-
-
-def _signame(num: int) -> str:
-    """As Go's os.ProcessState says it, which is what Lambda's ExitError messages show."""
-    return _SIGNALS.get(num, f"signal {num}")
+        await self.sandboxes.stop()

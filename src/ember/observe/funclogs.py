@@ -43,7 +43,7 @@ FOLLOW_QUEUE = 10_000
 
 
 def stream_of(proc: SandboxProcess) -> str:
-    return proc.spec.env.get("AWS_LAMBDA_LOG_STREAM_NAME", f"sandbox-{proc.sandbox.id}")
+    return proc.spec.env.get("AWS_LAMBDA_LOG_STREAM_NAME", f"sandbox-{proc.ref.id}")
 
 
 @dataclass(slots=True)
@@ -109,7 +109,7 @@ class LogStore:
         if proc.init_log:
             self.pending.append((function, _Output(proc, bytes(proc.init_log), time.time())))
             proc.init_log.clear()
-        self.pending.append((function, _Gone(proc.sandbox.id)))
+        self.pending.append((function, _Gone(proc.ref.id)))
 
     # ------------------------------------------------------------------ writing
 
@@ -176,7 +176,7 @@ class LogStore:
             proc = inv.proc
             if proc is None:
                 continue  # never reached a sandbox (an init failure): its sandbox's output has it
-            sid = proc.sandbox.id
+            sid = proc.ref.id
             if sid not in seen:
                 seen[sid] = proc
                 if proc.init_log:  # printed before this invocation, outside any: init, mostly
@@ -315,7 +315,7 @@ class LogStore:
     def _read_hwm(self, proc: SandboxProcess) -> None:
         mb = proc.max_memory_mb() if proc.pid else 0
         if mb:
-            self._hwm[proc.sandbox.id] = mb
+            self._hwm[proc.ref.id] = mb
 
     def _load(self) -> None:
         for d in sorted(p for p in self.root.iterdir() if p.is_dir()):

@@ -21,7 +21,7 @@ import contextlib
 import time
 from bisect import bisect_left
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from itertools import pairwise
 from typing import TYPE_CHECKING, Any
 
@@ -29,7 +29,6 @@ from ember.core.assignment import Assigner, Function, State
 from ember.sandbox.process import Invocation, Outcome, SandboxProcess
 
 if TYPE_CHECKING:
-    from ember.invoke.local import Worker
     from ember.observe.funclogs import LogStore
 
 # Upper bounds (seconds) of the duration histogram's buckets; the last bucket is +Inf. Fine enough
@@ -129,7 +128,7 @@ class Sample:
 class Observer:
     """Hears about every invocation from the worker; owns the counters and the function logs' feed."""
 
-    def __init__(self, core: Assigner) -> None:
+    def __init__(self, core: Assigner, logs: LogStore | None = None) -> None:
         self.core = core
         self.functions: dict[str, FunctionStats] = {}
         # account totals, deleted functions included (counters never go down)
@@ -138,11 +137,7 @@ class Observer:
         self.throttles = 0
         self.cold = 0
         self.warm = 0
-        self.logs: LogStore | None = None
-        # Set by whoever runs asynchronous (Event) invokes: function -> (events queued, age in
-        # seconds of the oldest), read at scrape time only.
-        self.async_queue: Callable[[], dict[str, tuple[int, float]]] | None = None
-        self.async_dropped: Callable[[], dict[str, int]] | None = None
+        self.logs = logs
         self._sampler: asyncio.Task[None] | None = None
 
     # ------------------------------------------------------------------ the hot path
@@ -335,11 +330,14 @@ def function_series(st: FunctionStats) -> list[dict[str, Any]]:
 
 
 def stats_document(
-    observer: Observer, worker: Worker, window_s: float = DEFAULT_WINDOW_S, series: bool = False
+    observer: Observer,
+    procs: Mapping[int, SandboxProcess],
+    mono: float,
+    window_s: float = DEFAULT_WINDOW_S,
+    series: bool = False,
 ) -> dict[str, Any]:
-    """GET /_ember/stats: what `ember top` and the dashboard show."""
+    """GET /_ember/stats: what `ember top` and the dashboard show (`mono`: the loop's clock now)."""
     now = time.time()
-    mono = worker.loop.time()
     core = observer.core
     observer.prune()
     functions = []
@@ -350,7 +348,7 @@ def stats_document(
             series_out[fn.name] = function_series(st)
     sandboxes = []
     for sb in core.sandboxes.values():
-        proc = worker.procs.get(sb.id)
+        proc = procs.get(sb.id)
         sandboxes.append(
             {
                 "id": sb.id,
@@ -394,8 +392,9 @@ def stats_document(
 class PrometheusCollector:
     """Turns the observer's integers and the core's state into metric families at scrape time."""
 
-    def __init__(self, observer: Observer) -> None:
+    def __init__(self, observer: Observer, asyncq: Any = None) -> None:
         self.observer = observer
+        self.asyncq = asyncq  # ember.invoke.asyncq.AsyncInvoker: its queues, read at scrape time
 
     def describe(self) -> list[Any]:
         return []  # unchecked collector: families vary with the functions
@@ -477,7 +476,7 @@ class PrometheusCollector:
                 sandboxes.add_metric([fn.name, state], n)
         yield from (inv, err, thr, cold, warm, dur, init, conc, queued, reserved, sandboxes)
 
-        if obs.async_queue is not None:
+        if self.asyncq is not None:
             depth = GaugeMetricFamily(
                 "ember_async_events_queued",
                 "Asynchronous (Event) invocations queued and not yet run.",
@@ -488,16 +487,15 @@ class PrometheusCollector:
                 "Age of the oldest queued asynchronous event (AsyncEventAge).",
                 labels=["function"],
             )
-            for name, (n, oldest) in sorted(obs.async_queue().items()):
+            for name, (n, oldest) in sorted(async_depths(self.asyncq).items()):
                 depth.add_metric([name], n)
                 age.add_metric([name], oldest)
             yield depth
             yield age
-        if obs.async_dropped is not None:
             dropped = counter(
                 "ember_async_events_dropped", "Asynchronous events dropped (AsyncEventsDropped)."
             )
-            for name, n in sorted(obs.async_dropped().items()):
+            for name, n in sorted(async_dropped(self.asyncq).items()):
                 dropped.add_metric([name], n)
             yield dropped
 
@@ -553,7 +551,7 @@ class PrometheusCollector:
 
 
 def _cumulative(counts: list[int], bounds: tuple[float, ...]) -> list[tuple[str, float]]:
-    out = []
+    out: list[tuple[str, float]] = []
     running = 0
     for bound, c in zip(bounds, counts, strict=False):
         running += c
@@ -567,11 +565,23 @@ def _fmt_bound(b: float) -> str:
     return repr(float(b))
 
 
-def registry(observer: Observer) -> Any:
+def async_depths(asyncq: Any) -> dict[str, tuple[int, float]]:
+    """function -> (events queued, age in seconds of the oldest)."""
+    out = {}
+    for name, e in asyncq.stats().get("functions", {}).items():
+        out[name] = (int(e.get("ready", 0)) + int(e.get("delayed", 0)), float(e.get("oldest_age_s", 0.0)))
+    return out
+
+
+def async_dropped(asyncq: Any) -> dict[str, int]:
+    return {name: int(e.get("dropped", 0)) for name, e in asyncq.stats().get("functions", {}).items()}
+
+
+def registry(observer: Observer, asyncq: Any = None) -> Any:
     """A registry of ember's own (not the process-global one): the observer, plus process metrics."""
     from prometheus_client import CollectorRegistry, ProcessCollector
 
     reg = CollectorRegistry(auto_describe=False)
-    reg.register(PrometheusCollector(observer))  # type: ignore[arg-type]
+    reg.register(PrometheusCollector(observer, asyncq))
     ProcessCollector(registry=reg)
     return reg

@@ -15,10 +15,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import logging
+from collections.abc import Callable, Mapping
 from importlib import resources
-from pathlib import Path
 from typing import Any
 
 import orjson
@@ -27,9 +26,9 @@ from aiohttp import web
 from ember.api.control import ControlPlane
 from ember.api.errors import invalid
 from ember.api.frontend import api
-from ember.invoke.local import Worker
 from ember.observe import metrics
-from ember.observe.funclogs import DEFAULT_MAX_BYTES, LogStore
+from ember.observe.funclogs import LogStore
+from ember.sandbox.process import SandboxProcess
 
 log = logging.getLogger("ember.observe.ops")
 
@@ -48,20 +47,18 @@ class Operations:
     def __init__(
         self,
         control: ControlPlane,
-        worker: Worker,
-        data_dir: Path,
+        observer: metrics.Observer,
+        logs: LogStore,
+        procs: Mapping[int, SandboxProcess],
+        clock: Callable[[], float],
         asyncq: Any = None,
-        log_max_bytes: int = DEFAULT_MAX_BYTES,
     ) -> None:
         self.control = control
-        self.worker = worker
-        self.observer = worker.observer
-        self.logs = LogStore(data_dir / "logs", lambda: list(control.functions), max_bytes=log_max_bytes)
-        self.observer.logs = self.logs
-        if asyncq is not None and hasattr(asyncq, "stats"):
-            self.observer.async_queue = functools.partial(_async_depths, asyncq)
-            self.observer.async_dropped = functools.partial(_async_dropped, asyncq)
-        self.registry = metrics.registry(self.observer)
+        self.observer = observer
+        self.logs = logs
+        self.procs = procs  # this node's sandbox processes, by id (ember.sandbox.host)
+        self.clock = clock  # the loop's clock, which the core's times are on
+        self.registry = metrics.registry(observer, asyncq)
         self._closing = asyncio.Event()
         self._started = False
 
@@ -109,7 +106,7 @@ class Operations:
         if not 1 <= window <= metrics.HISTORY:
             raise invalid(f"window must be between 1 and {metrics.HISTORY} seconds")
         series = q.get("series", "0") not in ("0", "false", "")
-        doc = metrics.stats_document(self.observer, self.worker, window, series)
+        doc = metrics.stats_document(self.observer, self.procs, self.clock(), window, series)
         return web.Response(
             body=orjson.dumps(doc),
             headers={
@@ -188,13 +185,3 @@ class Operations:
             body=body, headers={"Content-Type": f"{content_type}; charset=utf-8", "Cache-Control": "no-cache"}
         )
 
-
-def _async_depths(asyncq: Any) -> dict[str, tuple[int, float]]:
-    out = {}
-    for name, e in asyncq.stats().get("functions", {}).items():
-        out[name] = (int(e.get("ready", 0)) + int(e.get("delayed", 0)), float(e.get("oldest_age_s", 0.0)))
-    return out
-
-
-def _async_dropped(asyncq: Any) -> dict[str, int]:
-    return {name: int(e.get("dropped", 0)) for name, e in asyncq.stats().get("functions", {}).items()}

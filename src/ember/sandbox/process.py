@@ -2,7 +2,9 @@
 of its own (its own loopback port), so a sandbox can only ever receive its own invocations.
 
 This is I/O: it spawns, talks HTTP, reads the process's output and reports what happened to its
-owner through `SandboxEvents`. It decides nothing about routing; the core does.
+owner (ember.sandbox.host) through `SandboxEvents`. It decides nothing about routing; the core does,
+and nothing about the lifecycle; the host does. What the runtime's calls mean is the sans-IO
+`Endpoint` (ember.sandbox.endpoint); this file only carries them over HTTP.
 
 Runtime API (https://docs.aws.amazon.com/lambda/latest/dg/runtimes-api.html), base /2018-06-01:
   GET  /runtime/invocation/next            long poll; the first call means init is done
@@ -20,17 +22,25 @@ import os
 import signal
 import time
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 import orjson
 from aiohttp import web
 
-from ember.core.assignment import Sandbox
+from ember.sandbox.endpoint import Endpoint, EState, Signal
 
 API_PREFIX = "/2018-06-01/runtime/"
 MAX_RESPONSE_BYTES = 6 * 1024 * 1024
 MAX_ERROR_BYTES = 1024 * 1024
 LOG_KEEP_BYTES = 64 * 1024  # per invocation; the tail is what callers ask for (4 KB)
+
+
+class SandboxRef(NamedTuple):
+    """What a sandbox knows of itself: its id, its function and the function's generation (revision)."""
+
+    id: int
+    function: str
+    generation: int
 
 
 @dataclass(slots=True)
@@ -136,8 +146,8 @@ async def read_bounded(request: web.BaseRequest, limit: int) -> bytes | None:
 class SandboxProcess:
     """The process, its Runtime API endpoint and its output pipe."""
 
-    def __init__(self, sandbox: Sandbox, spec: LaunchSpec, events: SandboxEvents, isolation: Any = None) -> None:
-        self.sandbox = sandbox
+    def __init__(self, ref: SandboxRef, spec: LaunchSpec, events: SandboxEvents, isolation: Any = None) -> None:
+        self.ref = ref
         self.spec = spec
         self.events = events
         self.isolation = isolation  # ember.sandbox.isolation.Isolation: spawns it sandboxed (None: a plain process)
@@ -145,22 +155,39 @@ class SandboxProcess:
         self.loop = asyncio.get_running_loop()
         self.port = 0
         self.pid = 0
-        self.ready = False
+        self.endpoint = Endpoint()
         self.stopping = False
         self.exited = asyncio.Event()
         self.spawned_at = 0.0
         self.init_duration_ms = 0.0
         self.invocations = 0
-        self.current: Invocation | None = None  # assigned, until its outcome
-        self.resetting = False  # answered its invocation; the next /next makes it ready again
-        self.timer: asyncio.TimerHandle | None = None  # the running invocation's timeout
-        self._pending: Invocation | None = None  # assigned, not yet fetched by the runtime
+        self._inv: Invocation | None = None  # assigned, until its outcome
+        self.timer: asyncio.TimerHandle | None = None  # the running invocation's timeout (the host's)
+        self.init_timer: asyncio.TimerHandle | None = None  # the init deadline (the host's)
+        self.init_error: Outcome | None = None  # why init failed, once it did
+        self._was_ready = False
         self._parked: asyncio.Future[Invocation] | None = None  # a /next waiting for work
+        self._watcher: asyncio.Task[None] | None = None
         self._server: asyncio.AbstractServer | None = None
         self._web: web.Server | None = None
         self._proc: asyncio.subprocess.Process | None = None
         self._out_fd = -1
         self.init_log = bytearray()
+
+    @property
+    def ready(self) -> bool:
+        """Init finished (the runtime asked for work at least once)."""
+        return self._was_ready
+
+    @property
+    def resetting(self) -> bool:
+        """It answered its invocation and has not asked for the next one yet."""
+        return self.endpoint.answered
+
+    @property
+    def current(self) -> Invocation | None:
+        """The invocation assigned here, until it has an outcome."""
+        return self._inv
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -196,7 +223,12 @@ class SandboxProcess:
         os.close(write_fd)
         self.pid = self._proc.pid
         self.loop.add_reader(read_fd, self._on_output)
-        self.loop.create_task(self._watch())
+        self.watch()
+
+    def watch(self) -> None:
+        """Start the task that waits for the process to exit (owned here: one per process)."""
+        assert self._watcher is None, "watched twice"
+        self._watcher = self.loop.create_task(self._watch())
 
     async def spawn_failed(self, exc: OSError) -> None:
         """The runtime could not be started at all (no bootstrap, not executable): an init failure
@@ -221,6 +253,7 @@ class SandboxProcess:
             returncode = await self.jail.exited(returncode)  # kills what is left, notes an OOM kill
         self._drain_output()
         self._close_output()
+        self.endpoint.stop()
         if self._parked is not None and not self._parked.done():
             self._parked.cancel()
         await self._close_endpoint()
@@ -230,6 +263,7 @@ class SandboxProcess:
     def kill(self) -> None:
         """Stop the sandbox now: every process of its session is killed (a runtime's children too)."""
         self.stopping = True
+        self.endpoint.stop()
         if self._proc is not None and self._proc.returncode is None:
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(self.pid, signal.SIGKILL)
@@ -292,7 +326,7 @@ class SandboxProcess:
         return True
 
     def _append_output(self, data: bytes) -> None:
-        buf = self.current.log if self.current is not None else self.init_log
+        buf = self._inv.log if self._inv is not None else self.init_log
         buf += data
         if len(buf) > LOG_KEEP_BYTES:
             del buf[: len(buf) - LOG_KEEP_BYTES]
@@ -301,8 +335,9 @@ class SandboxProcess:
 
     def deliver(self, inv: Invocation) -> None:
         """Hand an invocation to the runtime: to its parked /next, or to the next /next it makes."""
-        assert self.current is None, "a sandbox runs one invocation at a time"
-        self.current = inv
+        assert self._inv is None, "a sandbox runs one invocation at a time"
+        self.endpoint.deliver(inv.request_id)  # raises unless idle
+        self._inv = inv
         if self.invocations == 0:
             inv.cold = True
             inv.init_duration_ms = self.init_duration_ms
@@ -310,16 +345,15 @@ class SandboxProcess:
         parked = self._parked
         if parked is not None and not parked.done():
             self._parked = None
+            self.endpoint.take()
             parked.set_result(inv)
-        else:
-            self._pending = inv
 
     def finish(self, inv: Invocation, outcome: Outcome) -> bool:
         """Resolve `inv` once; False when it already had an outcome (a late response after a timeout)."""
         if inv.future.done():
             return False
-        if self.current is inv:
-            self.current = None
+        if self._inv is inv:
+            self._inv = None
         inv.ended = time.perf_counter()
         if inv.want_tail:
             inv.max_memory_mb = self.max_memory_mb()
@@ -345,32 +379,37 @@ class SandboxProcess:
         return _platform_error(404, "NotFound", f"unknown path {method} {path}")
 
     async def _next(self) -> web.StreamResponse:
-        if self.stopping:
+        signal_ = self.endpoint.next()
+        if signal_ is Signal.REFUSE:
             return _platform_error(500, "Runtime.Stopping", "sandbox is stopping")
-        if not self.ready:
-            self.ready = True
+        if signal_ is Signal.READY:
+            self._was_ready = True
             self.init_duration_ms = (time.perf_counter() - self.spawned_at) * 1000.0
             self.events.sandbox_ready(self)  # may deliver an invocation right away
-        elif self.resetting:
-            self.resetting = False
+        elif signal_ is Signal.RESET:
             self.events.sandbox_ready(self)  # back to idle, or straight to a waiting invocation
-        elif self.current is not None and self._pending is None and not self.current.future.done():
+        elif signal_ is Signal.BROKEN and self._inv is not None:
             # Asking for more work without answering the current invocation: Lambda treats the
             # runtime as broken. Fail the invocation; the runtime is told so and usually exits.
-            inv = self.current
+            dropped = self._inv
             self.events.sandbox_result(
                 self,
-                inv,
+                dropped,
                 Outcome.runtime_error(
                     Outcome.FUNCTION_ERROR,
                     "Runtime.InvalidStateTransition",
-                    f"RequestId: {inv.request_id} Error: runtime asked for the next invocation "
+                    f"RequestId: {dropped.request_id} Error: runtime asked for the next invocation "
                     "before answering this one",
                 ),
             )
-        inv = self._pending
-        if inv is None:
+        inv: Invocation | None
+        if self.endpoint.state is EState.ASSIGNED:
+            self.endpoint.take()
+            inv = self._inv
+        else:
             parked = self.loop.create_future()
+            if self._parked is not None and not self._parked.done():
+                self._parked.cancel()  # a runtime that asks twice: the older request gets nothing
             self._parked = parked
             try:
                 inv = await parked
@@ -379,8 +418,7 @@ class SandboxProcess:
             finally:
                 if self._parked is parked:
                     self._parked = None
-        else:
-            self._pending = None
+        assert inv is not None
         inv.started = time.perf_counter()
         headers = {
             "Lambda-Runtime-Aws-Request-Id": inv.request_id,
@@ -395,8 +433,8 @@ class SandboxProcess:
         return web.Response(body=inv.payload, headers=headers)
 
     async def _post_result(self, request: web.BaseRequest, request_id: str, is_error: bool) -> web.Response:
-        inv = self.current
-        if inv is None or inv.request_id != request_id or self._pending is inv:
+        inv = self._inv
+        if inv is None or not self.endpoint.result(request_id):
             await request.content.read()
             return _platform_error(400, "InvalidRequestID", f"no invocation {request_id} in progress")
         body = await read_bounded(request, MAX_ERROR_BYTES if is_error else MAX_RESPONSE_BYTES)
@@ -420,7 +458,7 @@ class SandboxProcess:
     async def _init_error(self, request: web.BaseRequest) -> web.Response:
         body = await read_bounded(request, MAX_ERROR_BYTES) or b"{}"
         self._drain_output()
-        if self.ready:
+        if not self.endpoint.init_error():
             return _platform_error(403, "InvalidStateTransition", "init already finished")
         error_type = request.headers.get("Lambda-Runtime-Function-Error-Type") or _error_type(body)
         self.events.sandbox_init_failed(
