@@ -22,6 +22,7 @@ run: install
 
 lint: install
 	$(VENV)/bin/ruff check src tests bench examples $(wildcard spec)
+	$(VENV)/bin/mypy
 
 test: install deps lint
 	$(PY) -m pytest -q

@@ -54,6 +54,9 @@ def serve(
     node_id: str = typer.Option("", "--node-id", help="Cluster roles: this process's id (default: generated)."),
     partitions: int = typer.Option(4, "--partitions", min=1, help="Cluster: partitions (fixed by the first process)."),
     lease_ttl: float = typer.Option(2.0, "--lease-ttl", min=0.5, help="Cluster: etcd session TTL in seconds."),
+    debug_verify: bool = typer.Option(
+        False, "--debug-verify", help="Check the core's invariants after every transition (slow; for debugging)."
+    ),
 ) -> None:
     """Serve the Lambda API and run functions."""
     from ember.core.keepalive import policy_from_name
@@ -98,6 +101,7 @@ def serve(
         isolation=isolation,
         pool=pool,
         ephemeral_storage_mb=ephemeral_storage,
+        debug_verify=debug_verify,
     )
     if role == "all":
         run(options)

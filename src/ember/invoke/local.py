@@ -21,7 +21,7 @@ from typing import Any
 from ember.api.errors import LambdaError, not_found, throttled
 from ember.core.assignment import WAIT, Assigner, Dispatch, Reject, Sandbox, Start, State, Stop, Throttle
 from ember.observe.metrics import Observer
-from ember.sandbox.host import SandboxHost
+from ember.sandbox.host import SandboxHost, init_failure
 from ember.sandbox.process import Invocation, LaunchSpec, Outcome, SandboxProcess, SandboxRef
 from ember.store import FunctionRecord
 
@@ -145,18 +145,7 @@ class LocalInvoker:
     def _reject(self, inv: Invocation, effect: Reject) -> None:
         self.sandboxes.poke()
         if effect.reason == "init-failed":
-            detail = effect.detail
-            if isinstance(detail, Outcome):
-                body = detail.body.replace(b"{request_id}", inv.request_id.encode())
-                inv.future.set_result(Outcome(Outcome.FUNCTION_ERROR, body, detail.error_type))
-            else:
-                inv.future.set_result(
-                    Outcome.runtime_error(
-                        Outcome.EXIT,
-                        "Runtime.ExitError",
-                        f"RequestId: {inv.request_id} Error: Runtime exited during init",
-                    )
-                )
+            inv.future.set_result(init_failure(effect.detail, inv.request_id))
         elif effect.reason == "deleted":
             inv.future.set_exception(not_found("Function", "(deleted while the invoke waited)"))
         else:  # queue-timeout: no sandbox freed up in time

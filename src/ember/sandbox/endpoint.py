@@ -94,6 +94,7 @@ class Endpoint:
             return Signal.RESET
         if s is EState.RUNNING:
             self._move(EState.BROKEN)
+            self.request_id = None
             return Signal.BROKEN
         if s is EState.STOPPED or s is EState.FAILED:
             return Signal.REFUSE

@@ -41,6 +41,17 @@ def signame(num: int) -> str:
     return _SIGNALS.get(num, f"signal {num}")
 
 
+def init_failure(error: object, request_id: str) -> Outcome:
+    """What the invocation that waited for a sandbox sees when that sandbox's init failed: the
+    host's error (`HostEvents.init_failed`) for this request, or, when none is known, an exit."""
+    if isinstance(error, Outcome):
+        body = error.body.replace(b"{request_id}", request_id.encode())
+        return Outcome(Outcome.FUNCTION_ERROR, body, error.error_type)
+    return Outcome.runtime_error(
+        Outcome.EXIT, "Runtime.ExitError", f"RequestId: {request_id} Error: Runtime exited during init"
+    )
+
+
 class HostEvents(Protocol):
     """What a mode hears from the host. Each call happens once per sandbox (per invocation for
     `finished`), in this order: ready? finished* (init_failed | discarded)? exited."""

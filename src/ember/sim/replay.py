@@ -18,6 +18,7 @@ from __future__ import annotations
 import heapq
 import json
 import math
+import sys
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
@@ -271,7 +272,10 @@ def run(
     title = f"{Path(trace).name} sample {sample} ({half}), {workload.horizon_s / 3600:g} h, init {init_s:g} s"
     (out / "results.md").write_text(f"{title}\n\n" + markdown_table(results))
     (out / "results.jsonl").write_text("".join(r.json_line() + "\n" for r in results))
-    plot(results, out / "tradeoff.png", title)
+    try:
+        plot(results, out / "tradeoff.png", title)
+    except PlotUnavailable as exc:
+        print(f"ember replay: {exc}; tradeoff.png not written", file=sys.stderr)
     return results
 
 
@@ -290,13 +294,17 @@ def markdown_table(results: Sequence[Result]) -> str:
     return head + "\n".join(rows) + "\n"
 
 
+class PlotUnavailable(RuntimeError):
+    """matplotlib is not installed (it is the optional extra `ember[plot]`)."""
+
+
 def plot(results: Sequence[Result], path: Path, title: str = "") -> None:
     """The trade-off: p75 per-function cold-start % against wasted memory (normalised to fixed-10m).
     Fixed keep-alives and Greedy-Dual budgets form curves; other policies are points."""
     try:
         import matplotlib
     except ImportError as e:  # an optional extra: the replay itself needs no plotting library
-        raise RuntimeError("plotting needs matplotlib: pip install 'ember[plot]'") from e
+        raise PlotUnavailable("plotting needs matplotlib: pip install 'ember[plot]'") from e
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
