@@ -26,6 +26,7 @@ import orjson
 from aiohttp import web
 
 from ember.core.assignment import Sandbox
+from ember.sandbox.spawn import ChildProcess
 
 API_PREFIX = "/2018-06-01/runtime/"
 MAX_RESPONSE_BYTES = 6 * 1024 * 1024
@@ -158,7 +159,7 @@ class SandboxProcess:
         self._parked: asyncio.Future[Invocation] | None = None  # a /next waiting for work
         self._server: asyncio.AbstractServer | None = None
         self._web: web.Server | None = None
-        self._proc: asyncio.subprocess.Process | None = None
+        self._proc: ChildProcess | None = None  # asyncio's, or ember.sandbox.spawn.SpawnedProcess
         self._out_fd = -1
         self.init_log = bytearray()
 
