@@ -114,7 +114,7 @@ class Pooled:
             sock = listen_in_netns(jail.child_pid)
             proc._server = await proc.loop.create_server(server, sock=sock)
             proc.port = RUNTIME_API_PORT
-            os.write(self.ctl_fd, orjson.dumps({"env": env, "handler": handler}) + b"\n")
+            os.write(self.ctl_fd, specialisation(env, handler))
         except OSError:
             with contextlib.suppress(ProcessLookupError):
                 self.process.kill()
@@ -511,6 +511,11 @@ class Pool:
             "zygotes": self.zygotes,
             "fresh": self.fresh,
         }
+
+
+def specialisation(env: dict[str, str], handler: str) -> bytes:
+    """The line that specialises a pooled runtime (read by ZYGOTE, and by zygote_server.parse_spec)."""
+    return orjson.dumps({"env": env, "handler": handler}) + b"\n"
 
 
 async def _discard(pooled: Pooled) -> None:

@@ -62,6 +62,11 @@ def server_argv(sock_fd: int, seccomp: bytes) -> list[str]:
     return [sys.executable, "-c", SERVER, str(sock_fd), seccomp.hex()]
 
 
+def fork_request(pid: int, uid: int, nofile: int, nproc: int) -> bytes:
+    """One fork request (zygote_server.parse_request reads it; its fds travel with it)."""
+    return orjson.dumps({"pid": pid, "uid": uid, "nofile": nofile, "nproc": nproc})
+
+
 class Zygote:
     """ember's end of one fork server."""
 
@@ -112,8 +117,7 @@ class Zygote:
         if not self.alive:
             raise OSError("the zygote is not running")
         assert self.sock is not None
-        msg = orjson.dumps({"pid": pid, "uid": uid, "nofile": nofile, "nproc": nproc})
-        socket.send_fds(self.sock, [msg], fds)
+        socket.send_fds(self.sock, [fork_request(pid, uid, nofile, nproc)], fds)
         self.forks += 1
 
     def close(self) -> None:
