@@ -203,10 +203,10 @@ class Cgroups:
         paths: dict[str, str] = {}
         for line in _read(Path(own)).splitlines():
             num, _, rest = line.partition(":")
-            ctrls, _, path = rest.partition(":")
-            if num == "0" and not ctrls:
+            names, _, path = rest.partition(":")
+            if num == "0" and not names:
                 paths["unified"] = path
-            for c in ctrls.split(","):
+            for c in names.split(","):
                 if c:
                     paths[c] = path
         if v2 is not None:

@@ -32,10 +32,13 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 
-from ember.sandbox.isolation import RUNTIME_API_PORT, Isolation, Jail, SpawnedProcess, die_with_ember, listen_in_netns
+from ember.sandbox.jail import Jail, Jailer
+from ember.sandbox.spawn import RUNTIME_API_PORT, SpawnedProcess, Tasks, die_with_ember, listen_in_netns
 from ember.sandbox.zygote import RETIRE_AFTER, WAITER, Zygote, sandbox_pidfd
 
 if TYPE_CHECKING:
+    from aiohttp import web
+
     from ember.sandbox.process import SandboxProcess
 
 log = logging.getLogger("ember.sandbox.pool")
@@ -47,6 +50,11 @@ BOOST_DECAY_S = 30.0
 # a refill costs ember little (bwrap is vfork'ed off the event loop), but it runs while the cold start
 # that took a runtime finishes: not at the same moment
 REFILL_DELAY_S = float(os.environ.get("EMBER_REFILL_DELAY", "0.01"))
+FILL_RETRY_S = 1.0  # after a round of pre-starts of which some failed
+READY_TIMEOUT_S = 15.0  # for a pre-started runtime's "imported" byte
+READY_READ_BYTES = 16
+ZYGOTE_RETRY_S = 10.0  # at most one zygote start per this, after one failed
+BACKOFF_FIRST_S, BACKOFF_MAX_S = 0.1, 60.0  # pre-started runtimes that keep dying: doubling delays
 
 # Runs inside the sandbox as `python -c ZYGOTE READY_FD`. Kept as a string so no ember file needs to
 # be visible in the sandbox.
@@ -89,8 +97,11 @@ class Pooled:
         self.ready = False
         self.taken = False
 
-    async def specialise(self, proc: SandboxProcess, code_dir: str, handler: str, env: dict[str, str]) -> None:
-        """Turn this runtime into `proc`'s sandbox (see the module docstring)."""
+    async def specialise(
+        self, proc: SandboxProcess, server: web.Server, code_dir: str, handler: str, env: dict[str, str]
+    ) -> None:
+        """Turn this runtime into `proc`'s sandbox (see the module docstring), its Runtime API served by
+        `server`; the caller then reads its output and watches it."""
         jail = self.jail
         assert jail.task_dir is not None
         proc.jail, proc._proc, proc.pid, proc._out_fd = jail, self.process, self.process.pid, self.out_fd
@@ -99,11 +110,11 @@ class Pooled:
             _link_tree(Path(code_dir), jail.task_dir)
             if jail.cgroup is not None and proc.spec.memory_mb != POOL_MEMORY_MB:
                 # a cgroup write can wait on the kernel's cgroup locks: not on the event loop
-                await asyncio.to_thread(jail.cgroup.limit, proc.spec.memory_mb, jail.iso.cfg.pids_max)
+                await asyncio.to_thread(jail.cgroup.limit, proc.spec.memory_mb, jail.jailer.cfg.pids_max)
             sock = listen_in_netns(jail.child_pid)
-            proc._server = await proc.loop.create_server(proc._web, sock=sock)
+            proc._server = await proc.loop.create_server(server, sock=sock)
             proc.port = RUNTIME_API_PORT
-            os.write(self.ctl_fd, orjson.dumps({"env": env, "handler": handler}) + b"\n")
+            os.write(self.ctl_fd, specialisation(env, handler))
         except OSError:
             with contextlib.suppress(ProcessLookupError):
                 self.process.kill()
@@ -112,8 +123,6 @@ class Pooled:
         finally:
             os.close(self.ctl_fd)
             self.ctl_fd = -1
-        proc.loop.add_reader(proc._out_fd, proc._on_output)
-        proc.loop.create_task(proc._watch())
 
     def close_fds(self) -> None:
         for fd in (self.out_fd, self.ctl_fd, self.ready_fd):
@@ -127,25 +136,29 @@ class Pool:
     """At most `size` pre-started python runtimes, refilled in the background shortly after one is
     taken (spawning forks ember on the event loop: not during the cold start that took it)."""
 
-    def __init__(self, iso: Isolation, size: int) -> None:
-        self.iso = iso
+    def __init__(self, jailer: Jailer, data_dir: Path, size: int) -> None:
+        self.jailer = jailer
         self.size = size
         self.boost = 0  # extra runtimes kept while cold starts come faster than refills (pool misses)
         self.max_boost = max(2, size)
         self._last_miss = -1e9
         self.loop = asyncio.get_running_loop()
-        self.dir = iso.data_dir / "sandboxes"
+        self.dir = data_dir / "sandboxes"
         self.idle: list[Pooled] = []
         self.spawning = 0
         self.taken = 0
         self.missed = 0
+        self._tasks = Tasks("pool")  # fill, zygote replacement, readiness and exit watchers: cancelled on close
+        self._cleanups = Tasks("pool cleanup")  # discarded runtimes: finished on close
         self._fill_task: asyncio.Task[None] | None = None
         self._seq = 0
         self._closed = False
         self.failures = 0  # pre-started runtimes in a row that died before they were ready (backoff)
         self.zygote: Zygote | None = None  # forks runtimes into new sandboxes (ember.sandbox.zygote); None: fresh ones
         self._next_zygote: asyncio.Task[None] | None = None
-        self._retired: list[Zygote] = []  # still the parents of runtimes they forked; stopped on close
+        # still the parents of runtimes they forked; stopped on close. Bounded by the live sandboxes: pruned
+        # of exited zygotes on each retirement, and a zygote exits once its last runtime is gone
+        self._retired: list[Zygote] = []
         self._zygote_failed_at = -1e9
         self.forked = 0  # pooled runtimes that came from a zygote
         self.forked_on_demand = 0  # of which, forked for a cold start that found the pool empty
@@ -228,13 +241,13 @@ class Pool:
             extra.taken = True  # not a failure: its watcher must not count it as one
             if extra.ready_fd >= 0:
                 self.loop.remove_reader(extra.ready_fd)
-            self.loop.create_task(_discard(extra))
+            self._cleanups.start(_discard(extra), name="discard an extra runtime")
         if self.boost > 0:
             self.loop.call_later(BOOST_DECAY_S, self._decay)
 
     def refill(self) -> None:
         if not self._closed and (self._fill_task is None or self._fill_task.done()):
-            self._fill_task = self.loop.create_task(self._fill())
+            self._fill_task = self._tasks.start(self._fill(), name="pool fill")
 
     async def _fill(self) -> None:
         """Start what is missing all at once: each start mostly waits (bwrap, a cgroup move), in parallel."""
@@ -242,7 +255,7 @@ class Pool:
             need = self.target - len(self.idle) - self.spawning
             started = await asyncio.gather(*(self._add_one() for _ in range(need)))
             if not all(started):
-                await asyncio.sleep(1.0)
+                await asyncio.sleep(FILL_RETRY_S)
 
     async def _add_one(self) -> bool:
         self.spawning += 1
@@ -257,7 +270,7 @@ class Pool:
             await _discard(pooled)
             return True
         self.idle.append(pooled)
-        self.loop.create_task(self._until_ready(pooled))  # imports overlap: a drained pool refills fast
+        self._tasks.start(self._until_ready(pooled), name="pooled runtime ready")  # imports overlap: refills fast
         return True
 
     async def _spawn(self) -> Pooled:
@@ -282,7 +295,7 @@ class Pool:
                 await z.kill()
             z = self.zygote = None
         if z is None:
-            if self.loop.time() - self._zygote_failed_at < 10.0:
+            if self.loop.time() - self._zygote_failed_at < ZYGOTE_RETRY_S:
                 return None
             try:
                 z = await self._new_zygote()
@@ -295,11 +308,11 @@ class Pool:
                 return None
             self.zygote = z
         if z.forks >= RETIRE_AFTER and (self._next_zygote is None or self._next_zygote.done()):
-            self._next_zygote = self.loop.create_task(self._replace_zygote(z))
+            self._next_zygote = self._tasks.start(self._replace_zygote(z), name="replace the zygote")
         return z
 
     async def _new_zygote(self) -> Zygote:
-        z = Zygote(self.iso._seccomp, dict(GENERIC_ENV), functools.partial(die_with_ember, signal.SIGTERM))
+        z = Zygote(self.jailer.seccomp, dict(GENERIC_ENV), functools.partial(die_with_ember, signal.SIGTERM))
         await z.start()
         self.zygotes += 1
         return z
@@ -341,7 +354,7 @@ class Pool:
         process: SpawnedProcess | None = None
         jail: Jail | None = None
         try:
-            process, jail, _ = await self.iso.spawn(
+            process, jail, _ = await self.jailer.spawn(
                 list(WAITER),
                 dict(GENERIC_ENV),
                 str(task_dir),
@@ -358,7 +371,7 @@ class Pool:
             jail.init_pidfd = os.dup(pidfd)
             procs = jail.cgroup.open_procs() if jail.cgroup is not None else []
             theirs += procs
-            cfg = self.iso.cfg
+            cfg = self.jailer.cfg
             zygote = self.zygote  # the current one: it may have been replaced while bwrap started
             if zygote is None:
                 raise OSError("no zygote")
@@ -386,7 +399,7 @@ class Pool:
         jail.task_dir = task_dir
         self.forked += 1
         pooled = Pooled(process, jail, out_r, ctl_w, ready_r)
-        self.loop.create_task(self._watch(pooled))
+        self._tasks.start(self._watch(pooled), name="pooled runtime watcher")
         return pooled
 
     async def _spawn_fresh(self) -> Pooled:
@@ -401,7 +414,7 @@ class Pool:
         os.set_blocking(out_r, False)
         os.set_blocking(ready_r, False)
         try:
-            process, jail, _ = await self.iso.spawn(
+            process, jail, _ = await self.jailer.spawn(
                 [sys.executable, "-c", ZYGOTE, str(ready_w)],
                 dict(GENERIC_ENV),
                 str(task_dir),
@@ -421,7 +434,7 @@ class Pool:
                 os.close(fd)
         jail.task_dir = task_dir
         pooled = Pooled(process, jail, out_r, ctl_w, ready_r)
-        self.loop.create_task(self._watch(pooled))
+        self._tasks.start(self._watch(pooled), name="pooled runtime watcher")
         return pooled
 
     async def _until_ready(self, pooled: Pooled) -> None:
@@ -430,7 +443,7 @@ class Pool:
 
         def on_ready() -> None:
             try:
-                data = os.read(pooled.ready_fd, 16)
+                data = os.read(pooled.ready_fd, READY_READ_BYTES)
             except BlockingIOError:
                 return
             pooled.ready = bool(data)
@@ -446,7 +459,7 @@ class Pool:
             return
         self.loop.add_reader(pooled.ready_fd, on_ready)
         with contextlib.suppress(asyncio.TimeoutError):
-            await asyncio.wait_for(asyncio.shield(done), 15.0)
+            await asyncio.wait_for(asyncio.shield(done), READY_TIMEOUT_S)
 
     async def _watch(self, pooled: Pooled) -> None:
         """A pooled runtime that dies before it is taken is cleaned up and replaced."""
@@ -463,7 +476,7 @@ class Pool:
             # A runtime that cannot start must not become a crash loop (tenet 3): back off, doubling
             # from 0.1 s to a minute, until one comes up ready again.
             self.failures += 1
-            delay = min(60.0, 0.1 * 2 ** min(self.failures, 10))
+            delay = min(BACKOFF_MAX_S, BACKOFF_FIRST_S * 2 ** min(self.failures, 10))
             log.warning(
                 "a pre-started runtime exited",
                 extra={"returncode": pooled.process.returncode, "failures": self.failures, "retry_in_s": delay},
@@ -472,19 +485,13 @@ class Pool:
 
     async def close(self) -> None:
         self._closed = True
-        if self._fill_task is not None:
-            self._fill_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._fill_task
-        if self._next_zygote is not None:
-            self._next_zygote.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._next_zygote
+        await self._tasks.close()  # the fill, a zygote being replaced, the watchers (idle runtimes go below)
         idle, self.idle = self.idle, []
         for pooled in idle:
             if pooled.ready_fd >= 0:
                 self.loop.remove_reader(pooled.ready_fd)
             await _discard(pooled)
+        await self._cleanups.drain()
         # each zygote kills the runtimes it forked that are still there and reaps them before it exits
         zygotes = [z for z in (self.zygote, *self._retired) if z is not None]
         self.zygote, self._retired = None, []
@@ -504,6 +511,11 @@ class Pool:
             "zygotes": self.zygotes,
             "fresh": self.fresh,
         }
+
+
+def specialisation(env: dict[str, str], handler: str) -> bytes:
+    """The line that specialises a pooled runtime (read by ZYGOTE, and by zygote_server.parse_spec)."""
+    return orjson.dumps({"env": env, "handler": handler}) + b"\n"
 
 
 async def _discard(pooled: Pooled) -> None:

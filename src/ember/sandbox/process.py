@@ -28,6 +28,7 @@ import orjson
 from aiohttp import web
 
 from ember.sandbox.endpoint import Endpoint, EState, Signal
+from ember.sandbox.spawn import ChildProcess
 
 API_PREFIX = "/2018-06-01/runtime/"
 MAX_RESPONSE_BYTES = 6 * 1024 * 1024
@@ -170,7 +171,7 @@ class SandboxProcess:
         self._watcher: asyncio.Task[None] | None = None
         self._server: asyncio.AbstractServer | None = None
         self._web: web.Server | None = None
-        self._proc: asyncio.subprocess.Process | None = None
+        self._proc: ChildProcess | None = None  # asyncio's, or ember.sandbox.spawn.SpawnedProcess
         self._out_fd = -1
         self.init_log = bytearray()
 
