@@ -229,3 +229,21 @@ def test_the_core_is_sans_io() -> None:
                 if name.split(".")[0] in CORE_FORBIDDEN
             ]
     assert not wrong, "the core imports I/O or ember outside the core:\n  " + "\n  ".join(wrong)
+
+
+# The marks of a sandbox's lifecycle: the outcomes the host decides and the timers behind them.
+LIFECYCLE_MARKS = ("Sandbox.Timedout", "Runtime.ExitError", "Runtime.OutOfMemory", "Runtime.InvalidStateTransition",
+                   "INIT_TIMEOUT", "call_later(", ".kill()")
+
+
+def test_sandbox_lifecycle_lives_only_in_sandbox() -> None:
+    """One host for both modes: no module outside ember/sandbox/ decides timeouts, exits or init
+    deadlines, or kills a process itself (they ask the host)."""
+    found = []
+    for path in sorted((SRC / "ember").rglob("*.py")):
+        rel = path.relative_to(SRC / "ember")
+        if rel.parts[0] == "sandbox":
+            continue
+        for n, line in enumerate(path.read_text().splitlines(), 1):
+            found += [f"{rel}:{n}: {mark}" for mark in LIFECYCLE_MARKS if mark in line]
+    assert not found, "sandbox lifecycle outside ember/sandbox/:\n" + "\n".join(found)
