@@ -530,9 +530,6 @@ class Assigner:
                 rule(sb.expires > self._swept_to, "index: an IDLE sandbox's expiry second was swept", sb)
                 bucket = self._expiry.get(sb.expires)
                 rule(bucket is not None and bucket.get(sid) is sb, "index: an IDLE sandbox is in its expiry bucket", sb)
-        rule(memory == self.memory_mb, "R8: memory_mb is the memory of sandboxes not told to stop",
-             memory, self.memory_mb)
-        rule(sum(map(len, self._expiry.values())) == idle_total, "index: expiry buckets hold only IDLE sandboxes")
         unreserved = 0
         for fn in live.values():
             members = fn.members.values()
@@ -564,6 +561,9 @@ class Assigner:
                      "R2: reserved concurrency exceeded", fn.name, fn.inflight, fn.reserved)
             else:
                 unreserved += fn.inflight
+        rule(memory == self.memory_mb, "R8: memory_mb is the memory of sandboxes not told to stop",
+             memory, self.memory_mb)
+        rule(sum(map(len, self._expiry.values())) == idle_total, "index: expiry buckets hold only IDLE sandboxes")
         rule(all(not fn.deleted for fn in self._queued), "R6: a deleted function is swept for deadlines")
         rule(unreserved == self.unreserved_inflight, "R2: unreserved_inflight counts unreserved functions' in flight",
              unreserved, self.unreserved_inflight)
