@@ -82,6 +82,12 @@ LEGAL_MOVES: dict[State, frozenset[State]] = {
 }
 del S
 
+# The members as plain module globals: `State.IDLE` is an attribute lookup on the enum class that costs
+# several times a global's on Python 3.11, and the hot path compares states a few times per call.
+_STARTING, _IDLE, _BUSY, _STOPPING, _RESETTING = (
+    State.STARTING, State.IDLE, State.BUSY, State.STOPPING, State.RESETTING
+)
+
 
 class Throttle:
     """Why an invoke was refused at the door: an HTTP status, an error type and a reason.
@@ -291,7 +297,7 @@ class Assigner:
         idle = fn.idle
         if idle:
             sb = idle[next(reversed(idle))]  # most recently used first (R5)
-            self._move(sb, State.BUSY, request_id)
+            self._move(sb, _BUSY, request_id)
             sb.used_at = now
         elif len(fn.waiting) >= self.max_waiting:
             return THROTTLE_QUEUE
@@ -310,13 +316,13 @@ class Assigner:
         """`finish` and `sandbox_ready` at once: for drivers whose runtimes are ready the moment they
         answer (the trace simulator, the model tests)."""
         self.finish(sb, now)
-        if sb.state is State.RESETTING:
+        if sb.state is _RESETTING:
             self.sandbox_ready(sb, now)
 
     def finish(self, sb: Sandbox, now: float) -> None:
         """The invocation on `sb` ended (its result is back): its concurrency is free, but the
         sandbox takes new work only once its runtime asks for it (`sandbox_ready`)."""
-        assert sb.state is State.BUSY and sb.request is not None, sb
+        assert sb.state is _BUSY and sb.request is not None, sb
         fn = sb.function
         self._finish(fn)
         sb.used_at = now
@@ -324,7 +330,7 @@ class Assigner:
             self._stop(sb, StopReason.RETIRED)
             self._refill(fn, now)
         else:
-            self._move(sb, State.RESETTING)
+            self._move(sb, _RESETTING)
 
     def cancel(self, request_id: str, name: str) -> bool:
         """A waiting request gave up (its caller went away). True when it was still waiting."""
@@ -363,8 +369,8 @@ class Assigner:
     def occupy(self, sb: Sandbox, request: str) -> None:
         """The worker says `sb` runs `request` though this table thought it idle or starting (its READY
         was lost): count it busy."""
-        assert sb.state is State.IDLE or sb.state is State.STARTING, sb
-        self._move(sb, State.BUSY, request)
+        assert sb.state is _IDLE or sb.state is _STARTING, sb
+        self._move(sb, _BUSY, request)
         fn = sb.function
         fn.inflight += 1
         if fn.reserved is None:
@@ -375,7 +381,7 @@ class Assigner:
 
     def sandbox_ready(self, sb: Sandbox, now: float) -> None:
         """A sandbox asks for work: its init is done (STARTING), or its last invocation is (RESETTING)."""
-        if sb.state is not State.STARTING and sb.state is not State.RESETTING:
+        if sb.state is not _STARTING and sb.state is not _RESETTING:
             return  # already told to stop (retired, deleted, shutdown)
         fn = sb.function
         sb.used_at = now
@@ -388,7 +394,7 @@ class Assigner:
     def sandbox_failed(self, sb: Sandbox, now: float, error: object = None) -> None:
         """A sandbox's init failed (init error, init timeout): it is stopped, and the failure goes to
         the oldest waiter, the invoke that caused the start."""
-        if sb.state is State.STARTING:
+        if sb.state is _STARTING:
             self._stop(sb, StopReason.INIT_FAILED)
             self._start_failed(sb.function, now, error)
 
@@ -396,10 +402,10 @@ class Assigner:
         """The sandbox must not be reused: its invocation timed out, its runtime broke the protocol,
         or it did not ask for more work within the timeout after answering. It is destroyed."""
         fn = sb.function
-        if sb.state is State.BUSY:
+        if sb.state is _BUSY:
             self._finish(fn)
         else:
-            assert sb.state is State.RESETTING, sb
+            assert sb.state is _RESETTING, sb
         self._stop(sb, StopReason.DISCARDED)
         self._refill(fn, now)
 
@@ -415,14 +421,14 @@ class Assigner:
         self._adopted.discard(sb.id)
         state = sb.state
         lost = sb.request
-        if state is State.STOPPING:
+        if state is _STOPPING:
             return None
-        self._move(sb, State.STOPPING)  # no Stop effect: it is gone already
-        if state is State.STARTING and init_failure:  # died before it was ready: an init failure
+        self._move(sb, _STOPPING)  # no Stop effect: it is gone already
+        if state is _STARTING and init_failure:  # died before it was ready: an init failure
             self._start_failed(fn, now, None)
-        elif state is State.STARTING or state is State.RESETTING:
+        elif state is _STARTING or state is _RESETTING:
             self._refill(fn, now)
-        elif state is State.BUSY:
+        elif state is _BUSY:
             self._finish(fn)
             self._refill(fn, now)
             return lost
@@ -516,15 +522,15 @@ class Assigner:
             live[id(fn)] = fn
             state = sb.state
             rule(state in LEGAL_MOVES, "R4: a sandbox is in exactly one known state", sb)
-            rule((state is State.BUSY) == (sb.request is not None), "R1: BUSY exactly when a request is set", sb)
-            if state is not State.STOPPING:
+            rule((state is _BUSY) == (sb.request is not None), "R1: BUSY exactly when a request is set", sb)
+            if state is not _STOPPING:
                 memory += sb.memory_mb
             current = sb.generation == fn.generation and not fn.deleted
-            if state is State.IDLE or state is State.RESETTING:
+            if state is _IDLE or state is _RESETTING:
                 rule(current, "R5: an idle or resetting sandbox of an older generation or a deleted function", sb)
-            elif state is State.STARTING and sid not in self._adopted:
+            elif state is _STARTING and sid not in self._adopted:
                 rule(current, "R5: a starting sandbox of an older generation or a deleted function", sb)
-            if state is State.IDLE:
+            if state is _IDLE:
                 idle_total += 1
                 rule(fn.idle.get(sid) is sb, "index: an IDLE sandbox is in its function's idle set", sb)
                 rule(sb.expires > self._swept_to, "index: an IDLE sandbox's expiry second was swept", sb)
@@ -538,23 +544,23 @@ class Assigner:
             own_starting = 0
             for sb in members:
                 n[sb.state] += 1
-                if sb.state is State.STARTING and sb.id not in self._adopted:
+                if sb.state is _STARTING and sb.id not in self._adopted:
                     own_starting += 1
-            rule(fn.starting == n[State.STARTING], "index: Function.starting counts STARTING sandboxes",
-                 fn.name, fn.starting, n[State.STARTING])
-            rule(fn.resetting == n[State.RESETTING], "index: Function.resetting counts RESETTING sandboxes",
-                 fn.name, fn.resetting, n[State.RESETTING])
-            rule(len(fn.idle) == n[State.IDLE] and all(sb.state is State.IDLE for sb in fn.idle.values()),
+            rule(fn.starting == n[_STARTING], "index: Function.starting counts STARTING sandboxes",
+                 fn.name, fn.starting, n[_STARTING])
+            rule(fn.resetting == n[_RESETTING], "index: Function.resetting counts RESETTING sandboxes",
+                 fn.name, fn.resetting, n[_RESETTING])
+            rule(len(fn.idle) == n[_IDLE] and all(sb.state is _IDLE for sb in fn.idle.values()),
                  "index: Function.idle is exactly the IDLE sandboxes", fn.name)
-            rule(fn.inflight == len(fn.waiting) + n[State.BUSY], "R2/R3: in flight = waiting + running",
-                 fn.name, fn.inflight, len(fn.waiting), n[State.BUSY])
+            rule(fn.inflight == len(fn.waiting) + n[_BUSY], "R2/R3: in flight = waiting + running",
+                 fn.name, fn.inflight, len(fn.waiting), n[_BUSY])
             rule(own_starting <= self.max_starting, "R5: at most max_starting sandboxes start at once",
                  fn.name, own_starting)
             rule(len(fn.waiting) <= self.max_waiting, "R6: at most max_waiting waiters", fn.name, len(fn.waiting))
             rule(not fn.waiting or fn in self._queued, "R6: a function with waiters is swept for deadlines", fn.name)
             rule(not (fn.waiting and fn.deleted), "R3: a deleted function has no waiters", fn.name)
             if fn.waiting:
-                rule(n[State.STARTING] + n[State.BUSY] + n[State.RESETTING] > 0,
+                rule(n[_STARTING] + n[_BUSY] + n[_RESETTING] > 0,
                      "R3: waiters with nothing coming to serve them", fn.name)
             if fn.reserved is not None:
                 rule(fn.inflight <= max(fn.reserved, self._over_reserved.get(fn, 0)),
@@ -571,7 +577,7 @@ class Assigner:
         rule(self.unreserved_inflight <= max(pool, self._over_account), "R2: account limit exceeded",
              self.unreserved_inflight, pool)
         if self._budget_mb is not None:
-            ranked = {v[1] for v in self._victims if v[2].state is State.IDLE and v[2].used_at == v[3]}
+            ranked = {v[1] for v in self._victims if v[2].state is _IDLE and v[2].used_at == v[3]}
             rule(all(sid in ranked for fn in live.values() for sid in fn.idle),
                  "R8: every IDLE sandbox is ranked for eviction")
 
@@ -584,20 +590,20 @@ class Assigner:
         frm = sb.state
         assert to in LEGAL_MOVES[frm], f"illegal move {frm.name} -> {to.name}: {sb}"
         fn = sb.function
-        if frm is State.IDLE:
+        if frm is _IDLE:
             del fn.idle[sb.id]
             del self._expiry[sb.expires][sb.id]
-        elif frm is State.BUSY:
+        elif frm is _BUSY:
             sb.request = None
-        elif frm is State.STARTING:
+        elif frm is _STARTING:
             fn.starting -= 1
         else:  # RESETTING
             fn.resetting -= 1
         sb.state = to
-        if to is State.BUSY:
+        if to is _BUSY:
             assert request is not None, sb
             sb.request = request
-        elif to is State.IDLE:
+        elif to is _IDLE:
             fn.idle[sb.id] = sb
             until = self.keep_alive.idle_until(fn, now)
             second = max(math.ceil(until), self._swept_to + 1)
@@ -611,16 +617,16 @@ class Assigner:
                 victims = self._victims
                 heapq.heappush(victims, (self.keep_alive.priority(fn, now), sb.id, sb, now))
                 if len(victims) > 2 * len(self.sandboxes) + 64:  # drop stale entries; amortised O(1)
-                    self._victims = [v for v in victims if v[2].state is State.IDLE and v[2].used_at == v[3]]
+                    self._victims = [v for v in victims if v[2].state is _IDLE and v[2].used_at == v[3]]
                     heapq.heapify(self._victims)
-        elif to is State.RESETTING:
+        elif to is _RESETTING:
             fn.resetting += 1
         else:  # STOPPING
             self.memory_mb -= sb.memory_mb
 
     def _create(self, sb: Sandbox) -> None:
         """A sandbox is born STARTING: file it."""
-        assert sb.state is State.STARTING and sb.request is None, sb
+        assert sb.state is _STARTING and sb.request is None, sb
         fn = sb.function
         self.sandboxes[sb.id] = sb
         fn.members[sb.id] = sb
@@ -636,7 +642,7 @@ class Assigner:
         self._effects.append(Start(sb))
 
     def _stop(self, sb: Sandbox, reason: StopReason) -> None:
-        self._move(sb, State.STOPPING)
+        self._move(sb, _STOPPING)
         self._effects.append(Stop(sb, reason))
 
     def _make_room(self) -> None:
@@ -645,7 +651,7 @@ class Assigner:
         assert budget is not None
         while self.memory_mb > budget and victims:
             priority, _, sb, since = heapq.heappop(victims)
-            if sb.state is State.IDLE and sb.used_at == since:  # else a stale entry: it was reused
+            if sb.state is _IDLE and sb.used_at == since:  # else a stale entry: it was reused
                 self._stop(sb, StopReason.EVICTED)
                 self.keep_alive.on_evict(sb.function, priority)
 
@@ -673,10 +679,10 @@ class Assigner:
             rid, _ = waiting.popitem(last=False)
             if not waiting:
                 self._queued.discard(fn)
-            self._move(sb, State.BUSY, rid)
+            self._move(sb, _BUSY, rid)
             self._effects.append(Dispatch(rid, sb))
             return
-        self._move(sb, State.IDLE, now=now)
+        self._move(sb, _IDLE, now=now)
 
     def _refill(self, fn: Function, now: float) -> None:
         """After a sandbox was lost, make sure waiters still have a sandbox coming (liveness)."""
@@ -703,6 +709,6 @@ class Assigner:
         for sb in list(fn.members.values()):
             if sb.generation == fn.generation and not fn.deleted:
                 continue
-            if sb.state is State.IDLE or sb.state is State.STARTING or sb.state is State.RESETTING:
+            if sb.state is _IDLE or sb.state is _STARTING or sb.state is _RESETTING:
                 self._stop(sb, reason)
         self._refill(fn, now)
