@@ -147,6 +147,8 @@ class Reject(NamedTuple):
 Effect = Start | Stop | Dispatch | Reject
 
 
+VICTIM_HEAP_SLACK = 64  # the eviction heap is rebuilt when it holds more than 2 x sandboxes + this entries
+
 # Public methods that change the table: with verify_each_step, verify() runs after each.
 TRANSITIONS = (
     "acquire", "adopt", "cancel", "delete_function", "discard", "finish", "number_from", "occupy",
@@ -616,9 +618,10 @@ class Assigner:
             if self._budget_mb is not None:
                 victims = self._victims
                 heapq.heappush(victims, (self.keep_alive.priority(fn, now), sb.id, sb, now))
-                if len(victims) > 2 * len(self.sandboxes) + 64:  # drop stale entries; amortised O(1)
-                    self._victims = [v for v in victims if v[2].state is _IDLE and v[2].used_at == v[3]]
-                    heapq.heapify(self._victims)
+                if len(victims) > 2 * len(self.sandboxes) + VICTIM_HEAP_SLACK:  # drop stale entries; amortised O(1)
+                    victims = self._victims = [v for v in victims if v[2].state is _IDLE and v[2].used_at == v[3]]
+                    heapq.heapify(victims)
+                    assert len(victims) <= len(self.sandboxes), (len(victims), len(self.sandboxes))
         elif to is _RESETTING:
             fn.resetting += 1
         else:  # STOPPING

@@ -23,6 +23,11 @@ Rules (the model's numbering):
   R12 A worker's new incarnation (restart, or lost session) writes off its older sandboxes.
 Ids: sandboxes are numbered from epoch << 20, so ids are never reused across leaders (the model's
 "ids are never reused").
+
+`Leader.verify()` checks these rules (and the Assigner's, `Assigner.verify`) against the leader's state;
+tests/test_cluster_conformance.py calls it after every step. What the R4 bound (MAX_PARKED) turns away
+is counted for the shell to export: `refused_parked` (acquires answered 429) and `dropped_held`
+(READY/RELEASE messages dropped; the probes of R11 recover what they said).
 """
 
 from __future__ import annotations
