@@ -6,7 +6,7 @@ return value (the hot path: a warm sandbox, a throttle) or as effects that the I
 `take_effects()` (start this sandbox, stop that one, hand this waiting request to that sandbox,
 reject that waiting request). The server, the trace simulator and the model tests drive this code.
 
-Rules (asserted here, and checked after every step by tests/test_core_model.py):
+Rules (asserted here, checked by `Assigner.verify()`, which tests/test_core_model.py runs after every step):
   R1  A sandbox holds at most one invocation: it is BUSY exactly when `request` is set.
   R2  Accepted, unfinished invocations of a function (waiting + running) never exceed its reserved
       concurrency; those of unreserved functions never exceed the account's unreserved pool
@@ -37,7 +37,7 @@ gone (`sandbox_exited`). In between, its state changes only in `_move`, and only
 `_move` keeps every index derived from the states: `Function.starting`, `.resetting` and `.idle`, the
 expiry buckets, the eviction heap, `Sandbox.request` (set exactly when BUSY, R1) and `memory_mb`.
 `verify()` checks all of the rules above against the table (O(table)); `verify_each_step=True` runs
-it after every public transition (tests, replay's --verify; never on a server's hot path).
+it after every public transition (the model tests, `simulate(verify=True)`; not for a server).
 
 Cost: acquire and release are O(1): a dict pop/put and counter updates (plus a heap push under a
 memory budget); idle expiry is indexed by whole seconds, so `tick` touches only what expires.
