@@ -359,13 +359,8 @@ class World:
         assert all(v <= 1 for v in self.running.values()), "(a)"
         assert self.nrun <= RC, "(b)"
         assert all(v <= 1 for v in self.runs.values()) and all(v <= 1 for v in self.outcomes.values()), "(c)"
-        for leader in self.leaders:  # the Assigner's own rules hold inside every leader
-            core = leader.core
-            if core is not None:
-                for sb in core.sandboxes.values():
-                    assert (sb.state is State.BUSY) == (sb.request is not None), sb
-                    if leader.role is Role.SERVING:
-                        assert sb.id in leader.journal, f"table has {sb} with no journal record"
+        for leader in self.leaders:  # the Leader's rules, and its Assigner's, hold inside every leader
+            leader.verify()
 
     def quiesce(self) -> None:
         """Faults are over: run fairly (messages in order, then processes, timers only when quiet)."""

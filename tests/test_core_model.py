@@ -3,7 +3,9 @@
 Hypothesis drives the real `Assigner` through random interleavings of invokes, sandbox starts and
 failures, releases, timeouts, crashes, cancellations, code updates, reservation changes, deletions
 and the passage of time, while a minimal "shell" carries out the core's effects the way the server
-does. After every step it checks the rules stated at the top of ember/core/assignment.py:
+does. After every step (and, with `verify_each_step`, after every call into the core) the core checks
+the rules stated at the top of ember/core/assignment.py itself (`Assigner.verify`); this test adds
+what only the shell knows (its processes, what it runs, what each request's outcome was):
   - no sandbox holds two invocations;
   - no limit is exceeded (reserved, account, herd bound, queue bound);
   - every accepted invoke ends with exactly one outcome (checked at the end, after quiescing);
@@ -46,6 +48,7 @@ class CoreMachine(RuleBasedStateMachine):
             max_waiting=MAX_WAITING,
             max_wait_s=5.0,
             keep_alive=FixedKeepAlive(30.0),
+            verify_each_step=True,
         )
         self.now = 0.0
         self.generation = 0
@@ -278,34 +281,9 @@ class CoreMachine(RuleBasedStateMachine):
     @invariant()
     def rules_hold(self) -> None:
         core = self.core
+        core.verify()  # R1-R8 and every index, from the core's own table
+        assert core.max_starting == MAX_STARTING and core.max_waiting == MAX_WAITING
         assert set(core.sandboxes) == set(self.procs), "a sandbox without a process, or a process forgotten"
-        live_functions = {id(sb.function): sb.function for sb in core.sandboxes.values()}
-        live_functions.update({id(fn): fn for fn in core.functions.values()})
-        unreserved = 0
-        for fn in live_functions.values():
-            members = [sb for sb in core.sandboxes.values() if sb.function is fn]
-            assert {sb.id for sb in members} == set(fn.members)
-            busy = [sb for sb in members if sb.state is State.BUSY]
-            starting = [sb for sb in members if sb.state is State.STARTING]
-            resetting = [sb for sb in members if sb.state is State.RESETTING]
-            assert fn.resetting == len(resetting)
-            idle = [sb for sb in members if sb.state is State.IDLE]
-            assert fn.inflight == len(fn.waiting) + len(busy)
-            assert fn.starting == len(starting) <= MAX_STARTING
-            assert {sb.id for sb in idle} == set(fn.idle)
-            assert len(fn.waiting) <= MAX_WAITING
-            assert all(sb.generation == fn.generation for sb in idle), "an old sandbox is idle"
-            if fn.reserved is not None:
-                assert fn.inflight <= fn.reserved, "reserved concurrency exceeded"
-            else:
-                unreserved += fn.inflight
-            if fn.waiting and not fn.deleted:
-                assert fn.starting + len(busy) + len(resetting) > 0, "waiters with nothing coming to serve them"
-        assert unreserved == core.unreserved_inflight
-        assert core.unreserved_inflight <= core.account_limit - core.reserved_total, "account limit exceeded"
-        for sb in core.sandboxes.values():
-            assert sb.state in (State.STARTING, State.IDLE, State.BUSY, State.RESETTING, State.STOPPING)
-            assert (sb.state is State.BUSY) == (sb.request is not None)
         sandboxes = [id(sb) for sb in self.running.values()]
         assert len(sandboxes) == len(set(sandboxes)), "one sandbox runs two invocations"
         for rid, sb in self.running.items():

@@ -112,3 +112,13 @@ def test_cli_replay_writes_table_json_and_plot(tmp_path: Path) -> None:
     assert "| default |" in (tmp_path / "results.md").read_text()
     bad = CliRunner().invoke(app, [*args, "--policy", "lru"])
     assert bad.exit_code != 0
+
+
+@pytest.mark.parametrize("policy", POLICIES)
+def test_replay_verifying_every_step_changes_nothing(policy: str) -> None:
+    functions = [fn(f"f{i}", 256 * (i + 1)) for i in range(3)]
+    arr = [(float(t), t % 3, 0.5 + (t % 7)) for t in range(0, 3000, 13)]
+    w = Workload(functions, arr, 3600.0)
+    plain, checked = simulate(w, policy), simulate(w, policy, verify=True)
+    plain.wall_seconds = checked.wall_seconds = 0.0
+    assert plain == checked

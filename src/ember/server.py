@@ -77,6 +77,7 @@ async def serve(opts: ServeOptions, stop: asyncio.Event | None = None) -> None:
         max_starting=opts.max_starting,
         max_waiting=opts.max_waiting,
         keep_alive=policy_from_name(opts.keep_alive),
+        verify_each_step=opts.debug_verify,
     )
     settings = Settings(region=opts.region, endpoint=f"http://{opts.host}:{opts.port}")
     control = ControlPlane(store, settings, account_limit=opts.account_concurrency)

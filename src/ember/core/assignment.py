@@ -6,7 +6,7 @@ return value (the hot path: a warm sandbox, a throttle) or as effects that the I
 `take_effects()` (start this sandbox, stop that one, hand this waiting request to that sandbox,
 reject that waiting request). The server, the trace simulator and the model tests drive this code.
 
-Rules (asserted here, and checked after every step by tests/test_core_model.py):
+Rules (asserted here, checked by `Assigner.verify()`, which tests/test_core_model.py runs after every step):
   R1  A sandbox holds at most one invocation: it is BUSY exactly when `request` is set.
   R2  Accepted, unfinished invocations of a function (waiting + running) never exceed its reserved
       concurrency; those of unreserved functions never exceed the account's unreserved pool
@@ -27,6 +27,18 @@ Rules (asserted here, and checked after every step by tests/test_core_model.py):
       priority first, while the memory of sandboxes not told to stop exceeds the budget. Busy and
       starting sandboxes are never evicted, so the budget is soft: invokes are never refused for it.
 
+Moves (R4): a sandbox is born STARTING (`_create`) and forgotten from any state when its process is
+gone (`sandbox_exited`). In between, its state changes only in `_move`, and only along LEGAL_MOVES:
+  STARTING  -> IDLE (ready, nothing waits), BUSY (ready and handed a waiter; or `occupy`), STOPPING
+  IDLE      -> BUSY (acquire, `occupy`), STOPPING (expired, evicted, retired, deleted, exited)
+  BUSY      -> RESETTING (`finish`), STOPPING (retired on finish, discarded, exited)
+  RESETTING -> IDLE or BUSY (`sandbox_ready`), STOPPING (discarded, retired, deleted, exited)
+  STOPPING  -> nothing (it only waits for `sandbox_exited`)
+`_move` keeps every index derived from the states: `Function.starting`, `.resetting` and `.idle`, the
+expiry buckets, the eviction heap, `Sandbox.request` (set exactly when BUSY, R1) and `memory_mb`.
+`verify()` checks all of the rules above against the table (O(table)); `verify_each_step=True` runs
+it after every public transition (the model tests, `simulate(verify=True)`; not for a server).
+
 Cost: acquire and release are O(1): a dict pop/put and counter updates (plus a heap push under a
 memory budget); idle expiry is indexed by whole seconds, so `tick` touches only what expires.
 """
@@ -35,107 +47,68 @@ from __future__ import annotations
 
 import heapq
 import math
-from collections import OrderedDict
-from collections.abc import Iterator
-from enum import IntEnum
-from typing import NamedTuple
+from collections.abc import Callable, Iterator
+from functools import wraps
+from typing import Any, NamedTuple
 
 from ember.core.keepalive import FixedKeepAlive, KeepAlivePolicy
+from ember.core.reasons import RejectReason, StopReason, ThrottleReason
+from ember.core.table import Function, Sandbox, State
 
 __all__ = [
+    "LEGAL_MOVES",
     "Assigner",
     "Dispatch",
     "Function",
     "Reject",
+    "RejectReason",
     "Sandbox",
     "Start",
     "State",
     "Stop",
+    "StopReason",
     "Throttle",
+    "ThrottleReason",
 ]
 
 
-class State(IntEnum):
-    STARTING = 1
-    IDLE = 2
-    BUSY = 3
-    STOPPING = 4
-    RESETTING = 5  # its invocation ended; the runtime has not asked for the next one yet
+S = State
+LEGAL_MOVES: dict[State, frozenset[State]] = {
+    S.STARTING: frozenset({S.IDLE, S.BUSY, S.STOPPING}),
+    S.IDLE: frozenset({S.BUSY, S.STOPPING}),
+    S.BUSY: frozenset({S.RESETTING, S.STOPPING}),
+    S.RESETTING: frozenset({S.IDLE, S.BUSY, S.STOPPING}),
+    S.STOPPING: frozenset(),
+}
+del S
 
-
-class Function:
-    """One function's routing state. `generation` changes whenever code or configuration changes."""
-
-    __slots__ = (
-        "deleted",
-        "generation",
-        "idle",
-        "inflight",
-        "members",
-        "memory_mb",
-        "name",
-        "reserved",
-        "resetting",
-        "starting",
-        "waiting",
-    )
-
-    def __init__(self, name: str, generation: int, reserved: int | None, memory_mb: int) -> None:
-        self.name = name
-        self.generation = generation
-        self.reserved = reserved
-        self.memory_mb = memory_mb
-        self.inflight = 0  # accepted and unfinished: waiting + running (R2)
-        self.starting = 0  # sandboxes in STARTING of the current generation
-        self.resetting = 0  # sandboxes in RESETTING: about to be idle, not yet ready
-        self.idle: dict[int, Sandbox] = {}  # insertion order = least to most recently used
-        self.waiting: OrderedDict[str, float] = OrderedDict()  # request id -> deadline, FIFO
-        self.members: dict[int, Sandbox] = {}  # every sandbox of this function not yet exited
-        self.deleted = False
-
-    @property
-    def busy(self) -> int:
-        return self.inflight - len(self.waiting)
-
-
-class Sandbox:
-    """One execution environment: one process, one function generation, one invocation at a time."""
-
-    __slots__ = (
-        "expires", "function", "generation", "id", "memory_mb", "request", "started_at", "state", "used_at",
-    )
-
-    def __init__(self, sid: int, function: Function, now: float) -> None:
-        self.id = sid
-        self.function = function
-        self.generation = function.generation
-        self.memory_mb = function.memory_mb  # fixed at start: what this process holds (R8)
-        self.state = State.STARTING
-        self.request: str | None = None
-        self.started_at = now
-        self.used_at = now
-        self.expires = 0  # whole second of its idle deadline, when IDLE
-
-    def __repr__(self) -> str:
-        return f"Sandbox({self.id}, {self.function.name!r}, {self.state.name}, {self.request!r})"
+# The members as plain module globals: `State.IDLE` is an attribute lookup on the enum class that costs
+# several times a global's on Python 3.11, and the hot path compares states a few times per call.
+_STARTING, _IDLE, _BUSY, _STOPPING, _RESETTING = (
+    State.STARTING, State.IDLE, State.BUSY, State.STOPPING, State.RESETTING
+)
 
 
 class Throttle:
-    """Why an invoke was refused at the door: an HTTP status, an error type and a reason."""
+    """Why an invoke was refused at the door: an HTTP status, an error type and a reason.
 
-    __slots__ = ("error", "reason", "status")
+    `kind` is the ThrottleReason; `reason` is its value as a plain str, because shells count throttles
+    in dicts keyed by reason that orjson serialises (orjson refuses str subclasses as keys)."""
 
-    def __init__(self, status: int, error: str, reason: str) -> None:
-        self.status, self.error, self.reason = status, error, reason
+    __slots__ = ("error", "kind", "reason", "status")
+
+    def __init__(self, status: int, error: str, reason: ThrottleReason) -> None:
+        self.status, self.error, self.kind = status, error, ThrottleReason(reason)
+        self.reason: str = self.kind.value
 
     def __repr__(self) -> str:
         return f"Throttle({self.reason})"
 
 
-THROTTLE_RESERVED = Throttle(429, "TooManyRequestsException", "ReservedFunctionConcurrentInvocationLimitExceeded")
-THROTTLE_ACCOUNT = Throttle(429, "TooManyRequestsException", "ConcurrentInvocationLimitExceeded")
-THROTTLE_QUEUE = Throttle(429, "TooManyRequestsException", "FunctionInvocationRateLimitExceeded")
-NOT_FOUND = Throttle(404, "ResourceNotFoundException", "FunctionNotFound")
+THROTTLE_RESERVED = Throttle(429, "TooManyRequestsException", ThrottleReason.RESERVED)
+THROTTLE_ACCOUNT = Throttle(429, "TooManyRequestsException", ThrottleReason.ACCOUNT)
+THROTTLE_QUEUE = Throttle(429, "TooManyRequestsException", ThrottleReason.QUEUE)
+NOT_FOUND = Throttle(404, "ResourceNotFoundException", ThrottleReason.NOT_FOUND)
 
 
 class Waiting:
@@ -157,7 +130,7 @@ class Start(NamedTuple):
 
 class Stop(NamedTuple):
     sandbox: Sandbox
-    reason: str  # "expired" | "evicted" | "retired" | "discarded" | "init-failed" | "deleted"
+    reason: StopReason  # a StrEnum: equal to "expired", "evicted", "retired", "discarded", ...
 
 
 class Dispatch(NamedTuple):
@@ -167,7 +140,7 @@ class Dispatch(NamedTuple):
 
 class Reject(NamedTuple):
     request_id: str
-    reason: str  # "queue-timeout" | "init-failed" | "deleted"
+    reason: RejectReason  # a StrEnum: equal to "queue-timeout", "init-failed" or "deleted"
     detail: object = None
 
 
@@ -190,6 +163,16 @@ def reservation_error(account_limit: int, reserved_total: int) -> str | None:
     return None
 
 
+VICTIM_HEAP_SLACK = 64  # the eviction heap is rebuilt when it holds more than 2 x sandboxes + this entries
+
+# Public methods that change the table: with verify_each_step, verify() runs after each.
+TRANSITIONS = (
+    "acquire", "adopt", "cancel", "delete_function", "discard", "finish", "number_from", "occupy",
+    "put_function", "release", "sandbox_exited", "sandbox_failed", "sandbox_ready", "set_account_limit",
+    "set_reserved", "shutdown", "tick",
+)
+
+
 class Assigner:
     """The stateful load balancer of one node (or, in cluster mode, of one partition)."""
 
@@ -200,6 +183,7 @@ class Assigner:
         max_waiting: int = 128,
         max_wait_s: float = 15.0,
         keep_alive: KeepAlivePolicy | None = None,
+        verify_each_step: bool = False,
     ) -> None:
         assert account_limit >= 1 and max_starting >= 1 and max_waiting >= 0 and max_wait_s > 0
         self.account_limit = account_limit
@@ -221,6 +205,29 @@ class Assigner:
         self._expiry: dict[int, dict[int, Sandbox]] = {}  # whole second -> idle sandboxes expiring then
         self._swept_to = -1  # every expiry second <= this has been processed
         self._queued: set[Function] = set()  # functions with waiters, for deadline sweeps
+        # For verify() only (R2, R5): in-flight counts a lowered limit or a worker's report left above
+        # the limit (they may only drain), and sandboxes adopted while STARTING (not started here).
+        self._over_account = 0
+        self._over_reserved: dict[Function, int] = {}
+        self._adopted: set[int] = set()
+        self._depth = 0
+        if verify_each_step:
+            for name in TRANSITIONS:
+                setattr(self, name, self._verified(getattr(self, name)))
+
+    def _verified(self, method: Callable[..., Any]) -> Callable[..., Any]:
+        @wraps(method)
+        def step(*args: Any, **kwargs: Any) -> Any:
+            self._depth += 1  # a transition may call others (release calls finish): verify the outermost
+            try:
+                out = method(*args, **kwargs)
+            finally:
+                self._depth -= 1
+            if not self._depth:
+                self.verify()
+            return out
+
+        return step
 
     # ----------------------------------------------------------------- configuration
 
@@ -243,7 +250,7 @@ class Assigner:
 
     def delete_function(self, name: str, now: float = 0.0) -> None:
         """Forget a function: waiters are rejected, idle and starting sandboxes stop, busy ones stop
-        when their invocation ends."""
+        when their invocation ends. The keep-alive policy forgets what it learnt about it."""
         fn = self.functions.pop(name, None)
         if fn is None:
             return
@@ -253,9 +260,12 @@ class Assigner:
         while fn.waiting:
             rid, _ = fn.waiting.popitem(last=False)
             self._finish(fn)
-            self._effects.append(Reject(rid, "deleted"))
+            self._effects.append(Reject(rid, RejectReason.DELETED))
         self._queued.discard(fn)
         self._retire(fn, now)
+        forget = getattr(self.keep_alive, "forget", None)  # policies from elsewhere may not have it
+        if forget is not None:
+            forget(name)
 
     def set_reserved(self, name: str, reserved: int | None) -> str | None:
         """Reserve concurrency for a function (None removes it). Returns an error message when the
@@ -271,11 +281,13 @@ class Assigner:
             self.unreserved_inflight += fn.inflight
         self.reserved_total = new_total
         fn.reserved = reserved
+        self._note_limits(fn)
         return None
 
     def set_account_limit(self, limit: int) -> None:
         assert limit >= 1
         self.account_limit = limit
+        self._note_limits(None)
 
     # ----------------------------------------------------------------- the invoke path
 
@@ -298,10 +310,8 @@ class Assigner:
             return THROTTLE_RESERVED
         idle = fn.idle
         if idle:
-            _, sb = idle.popitem()  # most recently used first (R5)
-            del self._expiry[sb.expires][sb.id]
-            sb.state = State.BUSY
-            sb.request = request_id
+            sb = idle[next(reversed(idle))]  # most recently used first (R5)
+            self._move(sb, _BUSY, request_id)
             sb.used_at = now
         elif len(fn.waiting) >= self.max_waiting:
             return THROTTLE_QUEUE
@@ -320,23 +330,21 @@ class Assigner:
         """`finish` and `sandbox_ready` at once: for drivers whose runtimes are ready the moment they
         answer (the trace simulator, the model tests)."""
         self.finish(sb, now)
-        if sb.state is State.RESETTING:
+        if sb.state is _RESETTING:
             self.sandbox_ready(sb, now)
 
     def finish(self, sb: Sandbox, now: float) -> None:
         """The invocation on `sb` ended (its result is back): its concurrency is free, but the
         sandbox takes new work only once its runtime asks for it (`sandbox_ready`)."""
-        assert sb.state is State.BUSY and sb.request is not None, sb
+        assert sb.state is _BUSY and sb.request is not None, sb
         fn = sb.function
         self._finish(fn)
-        sb.request = None
         sb.used_at = now
         if sb.generation != fn.generation or fn.deleted:
-            self._stop(sb, "retired")
+            self._stop(sb, StopReason.RETIRED)
             self._refill(fn, now)
         else:
-            sb.state = State.RESETTING
-            fn.resetting += 1
+            self._move(sb, _RESETTING)
 
     def cancel(self, request_id: str, name: str) -> bool:
         """A waiting request gave up (its caller went away). True when it was still waiting."""
@@ -364,10 +372,8 @@ class Assigner:
         sb = Sandbox(sid, fn, now)
         sb.generation = generation
         sb.memory_mb = memory_mb
-        self.sandboxes[sid] = sb
-        fn.members[sid] = sb
-        self.memory_mb += memory_mb
-        fn.starting += 1  # adopted as starting, then moved to what its worker reported
+        self._create(sb)  # adopted as starting, then moved to what its worker reported
+        self._adopted.add(sid)
         if request is not None:
             self.occupy(sb, request)
         elif not starting:
@@ -377,33 +383,24 @@ class Assigner:
     def occupy(self, sb: Sandbox, request: str) -> None:
         """The worker says `sb` runs `request` though this table thought it idle or starting (its READY
         was lost): count it busy."""
+        assert sb.state is _IDLE or sb.state is _STARTING, sb
+        self._move(sb, _BUSY, request)
         fn = sb.function
-        if sb.state is State.IDLE:
-            del fn.idle[sb.id]
-            del self._expiry[sb.expires][sb.id]
-        else:
-            assert sb.state is State.STARTING, sb
-            fn.starting -= 1
-        sb.state = State.BUSY
-        sb.request = request
         fn.inflight += 1
         if fn.reserved is None:
             self.unreserved_inflight += 1
+        self._note_limits(fn)
 
     # ----------------------------------------------------------------- sandbox lifecycle
 
     def sandbox_ready(self, sb: Sandbox, now: float) -> None:
         """A sandbox asks for work: its init is done (STARTING), or its last invocation is (RESETTING)."""
+        if sb.state is not _STARTING and sb.state is not _RESETTING:
+            return  # already told to stop (retired, deleted, shutdown)
         fn = sb.function
-        if sb.state is State.STARTING:
-            fn.starting -= 1
-        elif sb.state is State.RESETTING:
-            fn.resetting -= 1
-        else:  # already told to stop (retired, deleted, shutdown)
-            return
         sb.used_at = now
         if sb.generation != fn.generation or fn.deleted:
-            self._stop(sb, "retired")
+            self._stop(sb, StopReason.RETIRED)
             self._refill(fn, now)
         else:
             self._serve_or_idle(sb, now)
@@ -411,21 +408,19 @@ class Assigner:
     def sandbox_failed(self, sb: Sandbox, now: float, error: object = None) -> None:
         """A sandbox's init failed (init error, init timeout): it is stopped, and the failure goes to
         the oldest waiter, the invoke that caused the start."""
-        if sb.state is State.STARTING:
-            self._stop(sb, "init-failed")
+        if sb.state is _STARTING:
+            self._stop(sb, StopReason.INIT_FAILED)
             self._start_failed(sb.function, now, error)
 
     def discard(self, sb: Sandbox, now: float) -> None:
         """The sandbox must not be reused: its invocation timed out, its runtime broke the protocol,
         or it did not ask for more work within the timeout after answering. It is destroyed."""
         fn = sb.function
-        if sb.state is State.BUSY:
+        if sb.state is _BUSY:
             self._finish(fn)
-            sb.request = None
         else:
-            assert sb.state is State.RESETTING, sb
-            fn.resetting -= 1
-        self._stop(sb, "discarded")
+            assert sb.state is _RESETTING, sb
+        self._stop(sb, StopReason.DISCARDED)
         self._refill(fn, now)
 
     def sandbox_exited(self, sb: Sandbox, now: float, init_failure: bool = True) -> str | None:
@@ -437,28 +432,21 @@ class Assigner:
             return None
         fn = sb.function
         del fn.members[sb.id]
+        self._adopted.discard(sb.id)
         state = sb.state
-        sb.state = State.STOPPING
-        lost = None
-        if state is not State.STOPPING:
-            self.memory_mb -= sb.memory_mb
-        if state is State.STARTING and init_failure:  # died before it was ready: an init failure
+        lost = sb.request
+        if state is _STOPPING:
+            return None
+        self._move(sb, _STOPPING)  # no Stop effect: it is gone already
+        if state is _STARTING and init_failure:  # died before it was ready: an init failure
             self._start_failed(fn, now, None)
-        elif state is State.STARTING:
-            fn.starting -= 1
+        elif state is _STARTING or state is _RESETTING:
             self._refill(fn, now)
-        elif state is State.RESETTING:
-            fn.resetting -= 1
-            self._refill(fn, now)
-        elif state is State.IDLE:
-            del fn.idle[sb.id]
-            del self._expiry[sb.expires][sb.id]
-        elif state is State.BUSY:
-            lost = sb.request
-            sb.request = None
+        elif state is _BUSY:
             self._finish(fn)
             self._refill(fn, now)
-        return lost
+            return lost
+        return None
 
     def tick(self, now: float) -> None:
         """Advance time: evict idle sandboxes past their keep-alive, expire waiters past their deadline."""
@@ -469,11 +457,11 @@ class Assigner:
         else:
             due = range(self._swept_to + 1, second + 1)
         for s in due:
-            bucket = expiry.pop(s, None)
-            if bucket:
+            bucket = expiry.get(s)
+            if bucket is not None:
                 for sb in list(bucket.values()):
-                    del sb.function.idle[sb.id]
-                    self._stop(sb, "expired")
+                    self._stop(sb, StopReason.EXPIRED)
+                del expiry[s]
         self._swept_to = max(self._swept_to, second)
         if self._prewarms:
             for fn in self.keep_alive.due_prewarms(now):  # R7
@@ -487,7 +475,7 @@ class Assigner:
                     break
                 waiting.popitem(last=False)
                 self._finish(fn)
-                self._effects.append(Reject(rid, "queue-timeout"))
+                self._effects.append(Reject(rid, RejectReason.QUEUE_TIMEOUT))
             if not waiting:
                 self._queued.discard(fn)
 
@@ -524,22 +512,152 @@ class Assigner:
             "sandboxes": len(fn.members),
         }
 
+    # ----------------------------------------------------------------- the rules, checked
+
+    def verify(self) -> None:
+        """Check every rule at the top of this module against the whole table, and every index
+        against the states it is derived from. Raises AssertionError naming the broken rule. O(table):
+        for tests, replay and debugging, not for a server's hot path."""
+
+        def rule(ok: object, what: str, *about: object) -> None:
+            if not ok:
+                raise AssertionError(f"{what}: {', '.join(map(repr, about))}" if about else what)
+
+        live: dict[int, Function] = {}
+        for name, fn in self.functions.items():
+            rule(fn.name == name and not fn.deleted, "functions: a live function is filed under its name", fn.name)
+            live[id(fn)] = fn
+        idle_total = 0
+        memory = 0
+        for sid, sb in self.sandboxes.items():
+            fn = sb.function
+            rule(sb.id == sid and fn.members.get(sid) is sb, "R4: a sandbox is a member of its function", sb)
+            rule(fn.deleted or self.functions.get(fn.name) is fn, "R4: a sandbox of an unknown function", sb)
+            live[id(fn)] = fn
+            state = sb.state
+            rule(state in LEGAL_MOVES, "R4: a sandbox is in exactly one known state", sb)
+            rule((state is _BUSY) == (sb.request is not None), "R1: BUSY exactly when a request is set", sb)
+            if state is not _STOPPING:
+                memory += sb.memory_mb
+            current = sb.generation == fn.generation and not fn.deleted
+            if state is _IDLE or state is _RESETTING:
+                rule(current, "R5: an idle or resetting sandbox of an older generation or a deleted function", sb)
+            elif state is _STARTING and sid not in self._adopted:
+                rule(current, "R5: a starting sandbox of an older generation or a deleted function", sb)
+            if state is _IDLE:
+                idle_total += 1
+                rule(fn.idle.get(sid) is sb, "index: an IDLE sandbox is in its function's idle set", sb)
+                rule(sb.expires > self._swept_to, "index: an IDLE sandbox's expiry second was swept", sb)
+                bucket = self._expiry.get(sb.expires)
+                rule(bucket is not None and bucket.get(sid) is sb, "index: an IDLE sandbox is in its expiry bucket", sb)
+        unreserved = 0
+        for fn in live.values():
+            members = fn.members.values()
+            rule(all(self.sandboxes.get(sb.id) is sb for sb in members), "R4: a member sandbox was forgotten", fn.name)
+            n = {state: 0 for state in LEGAL_MOVES}
+            own_starting = 0
+            for sb in members:
+                n[sb.state] += 1
+                if sb.state is _STARTING and sb.id not in self._adopted:
+                    own_starting += 1
+            rule(fn.starting == n[_STARTING], "index: Function.starting counts STARTING sandboxes",
+                 fn.name, fn.starting, n[_STARTING])
+            rule(fn.resetting == n[_RESETTING], "index: Function.resetting counts RESETTING sandboxes",
+                 fn.name, fn.resetting, n[_RESETTING])
+            rule(len(fn.idle) == n[_IDLE] and all(sb.state is _IDLE for sb in fn.idle.values()),
+                 "index: Function.idle is exactly the IDLE sandboxes", fn.name)
+            rule(fn.inflight == len(fn.waiting) + n[_BUSY], "R2/R3: in flight = waiting + running",
+                 fn.name, fn.inflight, len(fn.waiting), n[_BUSY])
+            rule(own_starting <= self.max_starting, "R5: at most max_starting sandboxes start at once",
+                 fn.name, own_starting)
+            rule(len(fn.waiting) <= self.max_waiting, "R6: at most max_waiting waiters", fn.name, len(fn.waiting))
+            rule(not fn.waiting or fn in self._queued, "R6: a function with waiters is swept for deadlines", fn.name)
+            rule(not (fn.waiting and fn.deleted), "R3: a deleted function has no waiters", fn.name)
+            if fn.waiting:
+                rule(n[_STARTING] + n[_BUSY] + n[_RESETTING] > 0,
+                     "R3: waiters with nothing coming to serve them", fn.name)
+            if fn.reserved is not None:
+                rule(fn.inflight <= max(fn.reserved, self._over_reserved.get(fn, 0)),
+                     "R2: reserved concurrency exceeded", fn.name, fn.inflight, fn.reserved)
+            else:
+                unreserved += fn.inflight
+        rule(memory == self.memory_mb, "R8: memory_mb is the memory of sandboxes not told to stop",
+             memory, self.memory_mb)
+        rule(sum(map(len, self._expiry.values())) == idle_total, "index: expiry buckets hold only IDLE sandboxes")
+        rule(all(not fn.deleted for fn in self._queued), "R6: a deleted function is swept for deadlines")
+        rule(unreserved == self.unreserved_inflight, "R2: unreserved_inflight counts unreserved functions' in flight",
+             unreserved, self.unreserved_inflight)
+        pool = self.account_limit - self.reserved_total
+        rule(self.unreserved_inflight <= max(pool, self._over_account), "R2: account limit exceeded",
+             self.unreserved_inflight, pool)
+        if self._budget_mb is not None:
+            ranked = {v[1] for v in self._victims if v[2].state is _IDLE and v[2].used_at == v[3]}
+            rule(all(sid in ranked for fn in live.values() for sid in fn.idle),
+                 "R8: every IDLE sandbox is ranked for eviction")
+
     # ----------------------------------------------------------------- internals
 
-    def _start(self, fn: Function, now: float) -> None:
-        sb = Sandbox(self._next_id, fn, now)
-        self._next_id += 1
+    def _move(self, sb: Sandbox, to: State, request: str | None = None, now: float = 0.0) -> None:
+        """The one place a sandbox changes state (along LEGAL_MOVES), keeping every derived index:
+        leaving a state undoes its index, entering one sets it. `request` is what a BUSY sandbox runs;
+        `now` is when an IDLE one turned idle (its keep-alive deadline and eviction rank)."""
+        frm = sb.state
+        assert to in LEGAL_MOVES[frm], f"illegal move {frm.name} -> {to.name}: {sb}"
+        fn = sb.function
+        if frm is _IDLE:
+            del fn.idle[sb.id]
+            del self._expiry[sb.expires][sb.id]
+        elif frm is _BUSY:
+            sb.request = None
+        elif frm is _STARTING:
+            fn.starting -= 1
+        else:  # RESETTING
+            fn.resetting -= 1
+        sb.state = to
+        if to is _BUSY:
+            assert request is not None, sb
+            sb.request = request
+        elif to is _IDLE:
+            fn.idle[sb.id] = sb
+            until = self.keep_alive.idle_until(fn, now)
+            second = max(math.ceil(until), self._swept_to + 1)
+            sb.expires = second
+            bucket = self._expiry.get(second)
+            if bucket is None:
+                self._expiry[second] = {sb.id: sb}
+            else:
+                bucket[sb.id] = sb
+            if self._budget_mb is not None:
+                victims = self._victims
+                heapq.heappush(victims, (self.keep_alive.priority(fn, now), sb.id, sb, now))
+                if len(victims) > 2 * len(self.sandboxes) + VICTIM_HEAP_SLACK:  # drop stale entries; amortised O(1)
+                    victims = self._victims = [v for v in victims if v[2].state is _IDLE and v[2].used_at == v[3]]
+                    heapq.heapify(victims)
+                    assert len(victims) <= len(self.sandboxes), (len(victims), len(self.sandboxes))
+        elif to is _RESETTING:
+            fn.resetting += 1
+        else:  # STOPPING
+            self.memory_mb -= sb.memory_mb
+
+    def _create(self, sb: Sandbox) -> None:
+        """A sandbox is born STARTING: file it."""
+        assert sb.state is _STARTING and sb.request is None, sb
+        fn = sb.function
         self.sandboxes[sb.id] = sb
         fn.members[sb.id] = sb
         fn.starting += 1
         self.memory_mb += sb.memory_mb
+
+    def _start(self, fn: Function, now: float) -> None:
+        sb = Sandbox(self._next_id, fn, now)
+        self._next_id += 1
+        self._create(sb)
         if self._budget_mb is not None and self.memory_mb > self._budget_mb:
             self._make_room()
         self._effects.append(Start(sb))
 
-    def _stop(self, sb: Sandbox, reason: str) -> None:
-        sb.state = State.STOPPING
-        self.memory_mb -= sb.memory_mb
+    def _stop(self, sb: Sandbox, reason: StopReason) -> None:
+        self._move(sb, _STOPPING)
         self._effects.append(Stop(sb, reason))
 
     def _make_room(self) -> None:
@@ -548,10 +666,8 @@ class Assigner:
         assert budget is not None
         while self.memory_mb > budget and victims:
             priority, _, sb, since = heapq.heappop(victims)
-            if sb.state is State.IDLE and sb.used_at == since:  # else a stale entry: it was reused
-                del sb.function.idle[sb.id]
-                del self._expiry[sb.expires][sb.id]
-                self._stop(sb, "evicted")
+            if sb.state is _IDLE and sb.used_at == since:  # else a stale entry: it was reused
+                self._stop(sb, StopReason.EVICTED)
                 self.keep_alive.on_evict(sb.function, priority)
 
     def _finish(self, fn: Function) -> None:
@@ -560,6 +676,17 @@ class Assigner:
             self.unreserved_inflight -= 1
         assert fn.inflight >= 0 and self.unreserved_inflight >= 0
 
+    def _note_limits(self, fn: Function | None) -> None:
+        """For verify() (R2): after a limit changed or a worker reported a run, remember how far in-flight
+        counts stand above their limits (they may drain, never grow)."""
+        pool = self.account_limit - self.reserved_total
+        self._over_account = self.unreserved_inflight if self.unreserved_inflight > pool else 0
+        if fn is not None:
+            if fn.reserved is not None and fn.inflight > fn.reserved:
+                self._over_reserved[fn] = fn.inflight
+            else:
+                self._over_reserved.pop(fn, None)
+
     def _serve_or_idle(self, sb: Sandbox, now: float) -> None:
         fn = sb.function
         waiting = fn.waiting
@@ -567,26 +694,10 @@ class Assigner:
             rid, _ = waiting.popitem(last=False)
             if not waiting:
                 self._queued.discard(fn)
-            sb.state = State.BUSY
-            sb.request = rid
+            self._move(sb, _BUSY, rid)
             self._effects.append(Dispatch(rid, sb))
             return
-        sb.state = State.IDLE
-        fn.idle[sb.id] = sb
-        until = self.keep_alive.idle_until(fn, now)
-        second = max(math.ceil(until), self._swept_to + 1)
-        sb.expires = second
-        bucket = self._expiry.get(second)
-        if bucket is None:
-            self._expiry[second] = {sb.id: sb}
-        else:
-            bucket[sb.id] = sb
-        if self._budget_mb is not None:
-            victims = self._victims
-            heapq.heappush(victims, (self.keep_alive.priority(fn, now), sb.id, sb, now))
-            if len(victims) > 2 * len(self.sandboxes) + 64:  # drop stale entries; amortised O(1)
-                self._victims = [v for v in victims if v[2].state is State.IDLE and v[2].used_at == v[3]]
-                heapq.heapify(self._victims)
+        self._move(sb, _IDLE, now=now)
 
     def _refill(self, fn: Function, now: float) -> None:
         """After a sandbox was lost, make sure waiters still have a sandbox coming (liveness)."""
@@ -597,30 +708,22 @@ class Assigner:
             self._start(fn, now)
 
     def _start_failed(self, fn: Function, now: float, error: object) -> None:
-        fn.starting -= 1
+        """The sandbox started for the oldest waiter failed (it has left STARTING): reject that waiter."""
         if fn.waiting:
             rid, _ = fn.waiting.popitem(last=False)
             if not fn.waiting:
                 self._queued.discard(fn)
             self._finish(fn)
-            self._effects.append(Reject(rid, "init-failed", error))
+            self._effects.append(Reject(rid, RejectReason.INIT_FAILED, error))
         self._refill(fn, now)
 
     def _retire(self, fn: Function, now: float) -> None:
         """Stop every idle or starting sandbox of `fn` not of its current generation (all of them, if
         deleted); busy ones stop when released."""
-        reason = "deleted" if fn.deleted else "retired"
+        reason = StopReason.DELETED if fn.deleted else StopReason.RETIRED
         for sb in list(fn.members.values()):
             if sb.generation == fn.generation and not fn.deleted:
                 continue
-            if sb.state is State.IDLE:
-                del fn.idle[sb.id]
-                del self._expiry[sb.expires][sb.id]
-                self._stop(sb, reason)
-            elif sb.state is State.STARTING:
-                fn.starting -= 1
-                self._stop(sb, reason)
-            elif sb.state is State.RESETTING:
-                fn.resetting -= 1
+            if sb.state is _IDLE or sb.state is _STARTING or sb.state is _RESETTING:
                 self._stop(sb, reason)
         self._refill(fn, now)

@@ -5,7 +5,8 @@ the release path and must be O(1)-ish. Policies that learn from arrivals (histog
 set `observes_arrivals` and get `on_arrival` for each invoke. Policies that pre-warm set `prewarms`
 and hand out due functions from `due_prewarms` (called by `Assigner.tick`); the sandbox started for
 one turns idle through `idle_until` like any other. Policies with a `memory_budget_mb` rank idle
-sandboxes by `priority` and learn of evictions through `on_evict`. Everything is sans-IO: time comes
+sandboxes by `priority` and learn of evictions through `on_evict`. `forget` drops what a policy learnt
+about a deleted function, so its state is bounded by the live functions. Everything is sans-IO: time comes
 in as `now`. The same objects drive the server (`ember serve --keep-alive NAME`) and the trace
 simulator (`ember replay`). See docs/keepalive.md for the papers and the measured trade-offs.
 
@@ -19,10 +20,9 @@ import heapq
 import math
 from collections import deque
 from itertools import accumulate
-from typing import TYPE_CHECKING, Protocol
+from typing import Protocol
 
-if TYPE_CHECKING:
-    from ember.core.assignment import Function
+from ember.core.table import Function
 
 __all__ = [
     "EmberKeepAlive",
@@ -34,6 +34,7 @@ __all__ = [
 ]
 
 FOREVER_S = 1e9  # "until evicted": an idle deadline no replay or server uptime reaches
+PREWARM_HEAP_SLACK = 64  # the pre-warm heap is rebuilt when it holds more than 2 x live + this entries
 
 
 class KeepAlivePolicy(Protocol):
@@ -62,6 +63,10 @@ class KeepAlivePolicy(Protocol):
         """An idle sandbox of `fn` ranked `priority` was evicted to make room."""
         ...
 
+    def forget(self, name: str) -> None:
+        """Function `name` was deleted: drop everything learnt about it (a new one may take the name)."""
+        ...
+
 
 class _Policy:
     """Defaults: no arrival tracking, no pre-warming, no memory budget."""
@@ -86,6 +91,9 @@ class _Policy:
     def on_evict(self, fn: Function, priority: float) -> None:
         pass
 
+    def forget(self, name: str) -> None:
+        pass
+
 
 class FixedKeepAlive(_Policy):
     """AWS-style fixed keep-alive (AWS: 10 minutes, Azure: 20): every idle sandbox lives `seconds`
@@ -101,29 +109,62 @@ class FixedKeepAlive(_Policy):
 
 
 class _Prewarmer:
-    """A heap of pending pre-warms. An entry is live only while its function's token is unchanged, so
-    an arrival cancels whatever is pending in O(1) by bumping the token (only if something was
-    scheduled under it: `pending`). A due entry sets the
-    function's warm window (`until`) and, for a plan of several windows, schedules the next one."""
+    """A heap of pending pre-warms. An entry is live only while its function's token is unchanged and
+    its state is the function's current one (not forgotten), so an arrival cancels whatever is pending
+    in O(1) by bumping the token (`cancel`, only if something was scheduled under it: `pending`). A
+    due entry sets the function's warm window (`until`) and, for a plan of several windows, schedules
+    the next one. Cancelled entries stay in the heap until due; `live` counts the others, and the heap
+    is rebuilt from them when it holds more than 2 x live + PREWARM_HEAP_SLACK (amortised O(1))."""
 
-    def __init__(self, lead_s: float) -> None:
+    def __init__(self, lead_s: float, states: dict[str, _FnState]) -> None:
         self.lead_s = lead_s  # start this early so the init is done by the window's start
-        self._heap: list[tuple[float, int, Function, int, float, int]] = []
+        self._states = states
+        self._heap: list[tuple[float, int, Function, _FnState, int, float, int]] = []
         self._seq = 0
+        self.live = 0  # entries neither cancelled nor forgotten
+
+    def __len__(self) -> int:
+        return len(self._heap)
 
     def schedule(self, start: float, until: float, fn: Function, st: _FnState, step: int = -1) -> None:
         """Warm `fn` over [start, until); `step` indexes `st.plan` to continue from (-1: no plan)."""
         self._seq += 1
         st.pending = True
-        heapq.heappush(self._heap, (start - self.lead_s, self._seq, fn, st.token, until, step))
+        st.queued += 1
+        self.live += 1
+        heap = self._heap
+        heapq.heappush(heap, (start - self.lead_s, self._seq, fn, st, st.token, until, step))
+        if len(heap) > 2 * self.live + PREWARM_HEAP_SLACK:
+            self._rebuild()
+
+    def cancel(self, st: _FnState) -> None:
+        """Cancel every entry pending under `st`'s token (an arrival, or `st` is forgotten)."""
+        st.token += 1
+        st.pending = False
+        self.live -= st.queued
+        st.queued = 0
+
+    def _is_live(self, entry: tuple[float, int, Function, _FnState, int, float, int]) -> bool:
+        _, _, fn, st, token, _, _ = entry
+        return st.token == token and self._states.get(fn.name) is st
+
+    def _rebuild(self) -> None:
+        """Drop cancelled and forgotten entries. Entries are ordered by (time, seq) and seq is unique,
+        so the live ones come out in exactly the order they would have."""
+        heap = self._heap  # in place: `due` may be popping from it
+        heap[:] = [e for e in heap if self._is_live(e)]
+        heapq.heapify(heap)
+        assert len(heap) == self.live, (len(heap), self.live)
 
     def due(self, now: float, states: dict[str, _FnState]) -> list[Function]:
         heap, out = self._heap, []
         while heap and heap[0][0] <= now:
-            _, _, fn, token, until, step = heapq.heappop(heap)
+            _, _, fn, st_at, token, until, step = heapq.heappop(heap)
             st = states.get(fn.name)
-            if st is None or st.token != token:
+            if st is not st_at or st.token != token:
                 continue
+            st.queued -= 1
+            self.live -= 1
             st.until = max(st.until, until)
             if 0 <= step < len(st.plan) - 1:
                 start, end = st.plan[step + 1]
@@ -139,7 +180,8 @@ class _FnState:
 
     __slots__ = (
         "active", "ar", "base", "bins", "computed_at", "dirty", "first", "folded", "fresh", "in_range", "it_sum",
-        "last_end", "oob", "pending", "plan", "prewarm_step", "seen", "sq", "token", "top", "until", "wakes", "windows",
+        "last_end", "oob", "pending", "plan", "prewarm_step", "queued", "seen", "sq", "token", "top", "until",
+        "wakes", "windows",
     )
 
     def __init__(self, n_bins: int) -> None:
@@ -154,6 +196,7 @@ class _FnState:
         self.active = False  # an invoke arrived since the function last went idle
         self.token = 0  # bumped to cancel pending pre-warms
         self.pending = False  # pre-warms were scheduled under the current token
+        self.queued = 0  # pre-warm heap entries under the current token, not yet due
         self.until = 0.0  # end of the current warm window (what a pre-warmed sandbox is kept to)
         self.plan: tuple[tuple[float, float], ...] = ()  # warm windows after the last idle, offsets from
         self.base = 0.0  # ... this time (when the function last went idle)
@@ -231,7 +274,7 @@ class _HistogramPolicy(_Policy):
         self.range_s, self.bin_s = range_s, bin_s
         self.n_bins = round(range_s / bin_s)
         self.state: dict[str, _FnState] = {}
-        self._prewarm = _Prewarmer(lead_s)
+        self._prewarm = _Prewarmer(lead_s, self.state)
 
     def _st(self, fn: Function) -> _FnState:
         st = self.state.get(fn.name)
@@ -253,8 +296,7 @@ class _HistogramPolicy(_Policy):
             self._observe(st, max(0.0, now - st.last_end) if fn.inflight == 0 else 0.0)
         st.active = True
         if st.pending:  # cancel the rest of the plan
-            st.token += 1
-            st.pending = False
+            self._prewarm.cancel(st)
 
     def windows(self, st: _FnState) -> tuple[tuple[float, float], ...]:  # pragma: no cover - abstract
         raise NotImplementedError
@@ -290,8 +332,7 @@ class _HistogramPolicy(_Policy):
             return now + st.first
         st.active = False
         if st.pending:
-            st.token += 1
-            st.pending = False
+            self._prewarm.cancel(st)
         wins = st.plan = st.windows
         st.base = now
         until = st.until = now + st.first
@@ -303,6 +344,11 @@ class _HistogramPolicy(_Policy):
 
     def due_prewarms(self, now: float) -> list[Function]:
         return self._prewarm.due(now, self.state)
+
+    def forget(self, name: str) -> None:
+        st = self.state.pop(name, None)
+        if st is not None:
+            self._prewarm.cancel(st)  # its pending pre-warms are dead: no longer counted live
 
 
 class HybridHistogramKeepAlive(_HistogramPolicy):
@@ -410,6 +456,9 @@ class GreedyDualKeepAlive(_Policy):
 
     def on_evict(self, fn: Function, priority: float) -> None:
         self.clock = max(self.clock, priority)
+
+    def forget(self, name: str) -> None:
+        self.freq.pop(name, None)
 
 
 class EmberKeepAlive(_HistogramPolicy):
@@ -551,10 +600,21 @@ class EmberKeepAlive(_HistogramPolicy):
             st.dirty = True
         st.active = True
         if st.pending:  # cancel the rest of the plan
-            st.token += 1
-            st.pending = False
+            self._prewarm.cancel(st)
         if woke:
             self._wake(fn, st, now)
+
+    def forget(self, name: str) -> None:
+        super().forget(name)
+        self._fns.pop(name, None)
+        self.co.pop(name, None)
+        for partners in self.co.values():
+            partners.pop(name, None)
+        recent = self._recent
+        if any(other == name for _, other in recent):
+            kept = [(t, other) for t, other in recent if other != name]
+            recent.clear()
+            recent.extend(kept)
 
     def _wake(self, fn: Function, st: _FnState, now: float) -> None:
         name = fn.name

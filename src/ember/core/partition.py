@@ -23,13 +23,19 @@ Rules (the model's numbering):
   R12 A worker's new incarnation (restart, or lost session) writes off its older sandboxes.
 Ids: sandboxes are numbered from epoch << 20, so ids are never reused across leaders (the model's
 "ids are never reused").
+
+`Leader.verify()` checks these rules (and the Assigner's, `Assigner.verify`) against the leader's state;
+tests/test_cluster_conformance.py calls it after every step. What the R4 bound (MAX_PARKED) turns away
+is counted for the shell to export: `refused_parked` (acquires answered 429) and `dropped_held`
+(READY/RELEASE messages dropped; the probes of R11 recover what they said).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from enum import IntEnum
-from typing import NamedTuple
+from functools import wraps
+from typing import Any, NamedTuple
 
 from ember.core.assignment import (
     Assigner,
@@ -42,6 +48,7 @@ from ember.core.assignment import (
     Throttle,
 )
 from ember.core.placement import WorkerInfo, place
+from ember.core.reasons import ThrottleReason
 
 __all__ = [
     "Create",
@@ -115,20 +122,50 @@ class Sync(NamedTuple):  # SYNC(epoch, probe) to the worker; the answer is `inve
 
 Effect = Grant | Refuse | Create | WriteOff | Destroy | Sync
 
-NO_WORKER = Throttle(503, "ServiceException", "NoWorkerAvailable")
-NOT_SERVING = Throttle(429, "TooManyRequestsException", "PartitionReconciling")
+NO_WORKER = Throttle(503, "ServiceException", ThrottleReason.NO_WORKER)
+NOT_SERVING = Throttle(429, "TooManyRequestsException", ThrottleReason.RECONCILING)
+
+# Public methods that change the leader's state: with verify_each_step, verify() runs after each.
+TRANSITIONS = (
+    "acquire", "cancel", "delete_function", "deposed", "elected", "gone", "inventory", "put_function", "ready",
+    "release", "resync", "share_account", "step_down", "tick", "timed_out", "worker_joined", "worker_left",
+)
 
 
 class Leader:
     """The leader (or candidate) of one partition."""
 
-    def __init__(self, partition: int, make_assigner: Callable[[], Assigner], probe_after_s: float = 2.0) -> None:
+    def __init__(
+        self, partition: int, make_assigner: Callable[[], Assigner], probe_after_s: float = 2.0,
+        verify_each_step: bool = False,
+    ) -> None:
         self.partition = partition
         self.make_assigner = make_assigner
         self.probe_after_s = probe_after_s
         self.functions: dict[str, tuple[int, int, int | None]] = {}  # name -> (generation, memory, reserved)
         self._effects: list[Effect] = []
+        # Counters for the shell to export; they survive elections (monotonic for the process).
+        self.refused_parked = 0  # acquires refused while reconciling because MAX_PARKED were parked
+        self.dropped_held = 0  # READY/RELEASE messages dropped while reconciling: MAX_PARKED were held
         self._wipe()
+        self._depth = 0
+        if verify_each_step:
+            for name in TRANSITIONS:
+                setattr(self, name, self._verified(getattr(self, name)))
+
+    def _verified(self, method: Callable[..., Any]) -> Callable[..., Any]:
+        @wraps(method)
+        def step(*args: Any, **kwargs: Any) -> Any:
+            self._depth += 1  # a transition may call others (release calls finish): verify the outermost
+            try:
+                out = method(*args, **kwargs)
+            finally:
+                self._depth -= 1
+            if not self._depth:
+                self.verify()
+            return out
+
+        return step
 
     def _wipe(self) -> None:
         self.role = Role.FOLLOWER
@@ -287,6 +324,7 @@ class Leader:
         the answer now; None means it follows as an effect (after a cold start, or reconciliation)."""
         if self.role is Role.RECONCILING:
             if len(self.parked) >= MAX_PARKED:
+                self.refused_parked += 1
                 return Refuse(request_id, NOT_SERVING, "reconciling")
             self.parked.append((request_id, name, now))
             return None
@@ -339,8 +377,11 @@ class Leader:
         message is held for later (R4); an unknown sandbox is an orphan (a_destroy_orphan)."""
         _, worker, sandbox, _ = msg
         if self.role is not Role.SERVING:
-            if self.role is Role.RECONCILING and len(self.held) < MAX_PARKED:
-                self.held.append(msg)
+            if self.role is Role.RECONCILING:
+                if len(self.held) < MAX_PARKED:
+                    self.held.append(msg)
+                else:
+                    self.dropped_held += 1  # lost: the probes (R11) find what it would have said
             return None
         assert self.core is not None
         sb = self.core.sandboxes.get(sandbox)
@@ -445,6 +486,53 @@ class Leader:
                 self._write_off(sid, now)
         self._drain(now)
 
+    # ------------------------------------------------------------------ the rules, checked
+
+    def verify(self) -> None:
+        """Check the leader's rules (and its Assigner's, `Assigner.verify`) against its state; raises
+        AssertionError naming the broken rule. Meant to hold after every public method returns."""
+
+        def rule(ok: object, what: str, *about: object) -> None:
+            if not ok:
+                raise AssertionError(f"{what}: {', '.join(map(repr, about))}" if about else what)
+
+        role, core = self.role, self.core
+        rule((role is Role.FOLLOWER) == (core is None), "roles: a leader or candidate has a table, a follower none",
+             role)
+        rule(len(self.parked) <= MAX_PARKED and len(self.held) <= MAX_PARKED, "R4: parked and held are bounded")
+        rule(role is Role.RECONCILING or not (self.parked or self.held or self.seen),
+             "R4: acquires, READY/RELEASE and inventories are kept only while reconciling")
+        rule(self.synced <= set(self.workers), "R4: only known workers have answered", self.synced)
+        if core is None:
+            rule(self.epoch == 0 and not (self.journal or self.workers or self.leases or self.pmask),
+                 "roles: a follower knows no journal, workers or leases")
+            return
+        core.verify()
+        rule(not core.has_effects(), "effects: the table's decisions are all carried out")
+        rule(self.epoch > 0, "R3: a leader has an epoch", self.epoch)
+        for w in self.workers.values():  # placement's view of each worker matches the journal
+            mine = [r for r in self.journal.values() if r.worker == w.id and r.incarnation == w.incarnation]
+            per_function: dict[str, int] = {}
+            for r in mine:
+                per_function[r.function] = per_function.get(r.function, 0) + 1
+            rule(w.used_mb == sum(r.memory_mb for r in mine) and w.per_function == per_function,
+                 "placement: a worker's load is its journaled sandboxes", w.id, w.used_mb, w.per_function)
+        rule(self.pmask.keys() <= self.journal.keys(), "R11: only journaled sandboxes are probed")
+        rule(all(0 < p <= self.probes for p in self.pmask.values()), "R11: a probe mark names a probe sent")
+        if role is Role.RECONCILING:
+            rule(not core.sandboxes and not self.leases and not self.pmask,
+                 "R4: busy/idle is rebuilt only once every worker answered")
+            return
+        rule(self.journal.keys() == core.sandboxes.keys(), "R5/R7: the table holds exactly the journaled sandboxes",
+             sorted(self.journal.keys() ^ core.sandboxes.keys()))
+        for sid, sb in core.sandboxes.items():
+            rec = self.journal[sid]
+            rule((rec.function, rec.generation, rec.memory_mb) == (sb.function.name, sb.generation, sb.memory_mb),
+                 "R7: a sandbox is what its journal record says", rec, sb)
+            rule(sb.state is not State.STOPPING, "R5: a stopped sandbox is written off at once", sb)
+            if sb.state is State.BUSY:
+                rule(self.leases.get(sb.request or "") is sb, "R6: a busy sandbox is found by its lease", sb)
+
     # ------------------------------------------------------------------ effects
 
     def take_effects(self) -> list[Effect]:
@@ -500,12 +588,12 @@ class Leader:
                     self._effects.append(Create(rec, self.epoch))
                 elif isinstance(eff, Stop):
                     sb = eff.sandbox
-                    rec = self.journal.pop(sb.id, None)
-                    if rec is not None:
+                    live = self.journal.pop(sb.id, None)
+                    if live is not None:
                         self._effects.append(WriteOff(sb.id, self.epoch))
-                        self._effects.append(Destroy(rec.worker, sb.id, self.epoch))
-                        w = self.workers.get(rec.worker)
-                        if w is not None and w.incarnation == rec.incarnation:
-                            w.remove(rec.function, rec.memory_mb)
+                        self._effects.append(Destroy(live.worker, sb.id, self.epoch))
+                        w = self.workers.get(live.worker)
+                        if w is not None and w.incarnation == live.incarnation:
+                            w.remove(live.function, live.memory_mb)
                     self.pmask.pop(sb.id, None)
                     core.sandbox_exited(sb, now)

@@ -24,7 +24,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from ember.core.assignment import WAIT, Assigner, Dispatch, Reject, Sandbox, Start, State, Stop
+from ember.core.assignment import WAIT, Assigner, Dispatch, Reject, Sandbox, Start, State, Stop, StopReason
 from ember.core.keepalive import KeepAlivePolicy, policy_from_name
 from ember.sim.trace import Workload
 
@@ -81,13 +81,20 @@ def simulate(
     policy: KeepAlivePolicy | str,
     init_s: float = 1.0,
     functions: Iterable[int] | None = None,
+    verify: bool = False,
 ) -> Result:
-    """Replay `workload` (or only the functions with the given indices) through a fresh Assigner."""
+    """Replay `workload` (or only the functions with the given indices) through a fresh Assigner.
+
+    The core checks its own rules (`Assigner.verify`) at the end of the run, before and after the
+    final shutdown; with `verify` after every step too (O(table) each: slow, for debugging)."""
     if isinstance(policy, str):
         policy = policy_from_name(policy, init_cost_s=init_s)
     wall0 = time.perf_counter()
     big = 10**9  # admission limits out of reach: no throttles in replay
-    core = Assigner(account_limit=big, max_starting=big, max_waiting=big, max_wait_s=1e12, keep_alive=policy)
+    core = Assigner(
+        account_limit=big, max_starting=big, max_waiting=big, max_wait_s=1e12, keep_alive=policy,
+        verify_each_step=verify,
+    )
     fns = workload.functions
     selected = set(range(len(fns))) if functions is None else set(functions)
     names = [fn.name for fn in fns]
@@ -113,21 +120,20 @@ def simulate(
         nonlocal seq, lifetime, busy, init, starts, evictions
         started = 0
         for eff in take():
-            kind = type(eff)
-            if kind is Dispatch:
-                dur = pending.pop(eff.request_id)  # type: ignore[union-attr]
+            if isinstance(eff, Dispatch):
+                dur = pending.pop(eff.request_id)
                 busy += dur * eff.sandbox.memory_mb
                 seq += 1
                 push(events, (now + dur, seq, _END, eff.sandbox))
-            elif kind is Start:
+            elif isinstance(eff, Start):
                 sb = eff.sandbox
                 started_at[sb.id] = now
                 started += 1
                 seq += 1
                 push(events, (now + init_s, seq, _READY, sb))
-            elif kind is Stop:
+            elif isinstance(eff, Stop):
                 sb = eff.sandbox
-                if eff.reason == "evicted":  # type: ignore[union-attr]
+                if eff.reason is StopReason.EVICTED:
                     evictions += 1
                 core.sandbox_exited(sb, now)
                 t0 = started_at.pop(sb.id)
@@ -182,8 +188,10 @@ def simulate(
         if core.has_effects():
             apply(now)
     end = max(now, horizon)
+    core.verify()
     core.shutdown()
     apply(end)
+    core.verify()
     assert not core.sandboxes and not pending, "replay left sandboxes or requests behind"
     per_fn = [(cold[j], calls[j]) for j in sorted(selected)]
     pcts = [100.0 * c / k for c, k in per_fn if k]
@@ -220,6 +228,7 @@ def compare(
     init_s: float = 1.0,
     functions: Iterable[int] | None = None,
     budget_gb: float | None = None,
+    verify: bool = False,
 ) -> list[Result]:
     """Run each policy; normalise wasted memory to fixed-10m (always run, as the baseline).
 
@@ -227,7 +236,7 @@ def compare(
     (idle + busy, rounded up to a whole GB): the same memory, spent as a cache instead.
     """
     subset = None if functions is None else list(functions)
-    base = simulate(workload, "fixed-10m", init_s, subset)
+    base = simulate(workload, "fixed-10m", init_s, subset, verify)
     if budget_gb is None:
         held = (base.wasted_memory_gb_s + base.busy_memory_gb_s) / max(base.sim_seconds, 1.0)
         budget_gb = max(1.0, float(math.ceil(held)))
@@ -237,7 +246,7 @@ def compare(
             results.append(base)
             continue
         pol = policy_from_name(name, init_cost_s=init_s, memory_budget_mb=budget_gb * 1024.0)
-        results.append(simulate(workload, pol, init_s, subset))
+        results.append(simulate(workload, pol, init_s, subset, verify))
     for r in results:
         if base.wasted_memory_gb_s:
             r.wasted_memory_vs_fixed_10m = r.wasted_memory_gb_s / base.wasted_memory_gb_s
