@@ -197,7 +197,7 @@ def test_ember_logs_request_scoped_lines_as_json_with_request_id(server, lam) ->
     doc = timed_out_line()
     assert doc["request_id"] == rid
     assert doc["function"] == "late"
-    assert doc["level"] == "info" and doc["logger"] == "ember.invoke.local" and doc["time"].endswith("Z")
+    assert doc["level"] == "info" and doc["logger"] == "ember.sandbox.host" and doc["time"].endswith("Z")
 
 
 def test_request_id_filter_tags_records_logged_during_a_request() -> None:
@@ -225,7 +225,7 @@ def _fake_proc(sid: int) -> SimpleNamespace:
         spec=SimpleNamespace(
             env={"AWS_LAMBDA_LOG_STREAM_NAME": f"2026/01/01/[$LATEST]{sid:032x}"}, memory_mb=128
         ),
-        sandbox=SimpleNamespace(id=sid),
+        ref=SimpleNamespace(id=sid),
         init_log=bytearray(),
         exited=SimpleNamespace(is_set=lambda: True),
         pid=0,
