@@ -163,7 +163,7 @@ class LocalInvoker:
 
     def wanted(self, ref: SandboxRef) -> bool:
         sb = self.core.sandboxes.get(ref.id)
-        return sb is not None and sb.state is State.STARTING
+        return sb is not None and sb.state is not State.STOPPING  # not retired while it was spawned
 
     def ready(self, ref: SandboxRef) -> None:
         sb = self.core.sandboxes.get(ref.id)
@@ -223,6 +223,7 @@ class LocalInvoker:
         """Stop every sandbox and wait until every process is gone."""
         if self._tick_task is not None:
             self._tick_task.cancel()
+            await asyncio.gather(self._tick_task, return_exceptions=True)
         self.core.shutdown()
         self.apply_effects()
         await self.sandboxes.stop()
