@@ -348,3 +348,48 @@ def test_ember_queues_command_shows_depth_and_drops(fast_server: EmberServer, tm
         capture_output=True, text=True, timeout=60,
     )
     assert json.loads(as_json.stdout)["functions"]["parked"]["ready"] == 3
+
+
+def test_the_queue_refuses_past_its_bound_with_429_and_counts_it(tmp_path: Path) -> None:
+    """In process, with a bound of 2 queued events: the third accept gets Lambda's 429 (and is not
+    stored), the refusal is counted, and once an event finishes there is room again."""
+    from types import SimpleNamespace
+
+    from ember.api.errors import LambdaError
+    from ember.core.eventqueue import RetryPolicy
+    from ember.invoke.asyncq import AsyncInvoker
+    from ember.sandbox.process import Outcome as RunOutcome
+
+    async def body() -> None:
+        gate = asyncio.Event()
+
+        async def invoke(rec: object, payload: bytes, request_id: str) -> tuple[None, RunOutcome]:
+            await gate.wait()  # the function is slow: events stay queued
+            return None, RunOutcome(RunOutcome.OK, b"{}", None)
+
+        functions = {"f": SimpleNamespace(name="f", reserved_concurrency=None)}
+        q = AsyncInvoker(tmp_path, functions, invoke, lambda name: f"arn:{name}",
+                         lambda name: (RetryPolicy(), {}), max_inflight=1, max_queued=2)
+        await q.start()
+        try:
+            await q.accept("f", b"{}", "r1")
+            await q.accept("f", b"{}", "r2")
+            with pytest.raises(LambdaError) as refused:
+                await q.accept("f", b"{}", "r3")
+            err = refused.value
+            assert (err.status, err.error_type, err.extra.get("Reason")) == (
+                429, "TooManyRequestsException", "CallerRateLimitExceeded")
+            assert q.counters()["async_refused_queue_full"] == 1
+            assert q.counters()["async_accepted"] == 2
+            stored = sqlite3.connect(tmp_path / "queue.db").execute("SELECT request_id FROM events").fetchall()
+            assert sorted(r for (r,) in stored) == ["r1", "r2"]  # the refused one was never stored
+            gate.set()
+            async with asyncio.timeout(10):
+                while q.counters()["async_succeeded"] < 2:
+                    await asyncio.sleep(0.02)
+            await q.accept("f", b"{}", "r4")  # room again
+        finally:
+            gate.set()
+            await q.stop(drain_s=5)
+
+    asyncio.run(body())

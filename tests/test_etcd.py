@@ -271,3 +271,24 @@ def test_prefixes_isolate(etcd_server: EtcdServer) -> None:
             assert await e1.delete("workers/w") and not await e1.delete("workers/w")
 
     asyncio.run(body())
+
+
+def test_a_watch_overflow_is_counted_and_loses_nothing(etcd_server: EtcdServer) -> None:
+    async def body() -> None:
+        async with await connect(etcd_server.url, prefix=prefix()) as etcd:
+            _, start = await etcd.get_prefix("q/")
+            for i in range(20):
+                await etcd.put(f"q/k{i:02d}", dumps(i))
+            assert etcd.counters() == {"etcd_watch_overflows": 0, "etcd_watch_resumes": 0, "etcd_follow_reloads": 0}
+            got: list[WatchEvent] = []
+            async with contextlib.aclosing(etcd.watch_prefix("q/", start + 1, queue_size=2)) as events:
+                async with asyncio.timeout(WAIT):
+                    async for ev in events:
+                        got.append(ev)
+                        if len(got) == 20:
+                            break
+            assert [loads(e.value) for e in got if e.value is not None] == list(range(20))
+            c = etcd.counters()
+            assert c["etcd_watch_overflows"] >= 1 and c["etcd_watch_resumes"] >= c["etcd_watch_overflows"]
+
+    asyncio.run(body())

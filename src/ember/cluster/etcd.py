@@ -27,7 +27,7 @@ import contextlib
 import logging
 import math
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
+from collections.abc import AsyncGenerator, Awaitable, Callable, Iterator, Sequence
 from typing import Any, Literal, NamedTuple, Self, TypeVar
 
 import aetcd
@@ -215,8 +215,18 @@ class Etcd:
         self.url = f"http://{host}:{port}"
         self.prefix = prefix
         self.op_timeout = op_timeout
-        self.client = aetcd.Client(host, port, timeout=op_timeout, options=dict(_CHANNEL_OPTIONS))  # type: ignore[arg-type]
+        self.client = aetcd.Client(host, port, timeout=op_timeout, options=dict(_CHANNEL_OPTIONS))
         self.closed = False
+        # Every bound this client hits, counted (tenet: every drop counted). A watch overflow drops
+        # the events past its queue and resumes from the last one delivered, so nothing is lost.
+        self.watch_overflows = 0  # a watch's bounded queue filled: the events past it were dropped
+        self.watch_resumes = 0  # a watch stream broke or overflowed and was re-created from its revision
+        self.follow_reloads = 0  # a follow() fell back to a fresh snapshot (watch failed, e.g. compacted)
+
+    def counters(self) -> dict[str, int]:
+        """This client's counters, for a role's /metrics (`ember.cluster.metrics`)."""
+        return {"etcd_watch_overflows": self.watch_overflows, "etcd_watch_resumes": self.watch_resumes,
+                "etcd_follow_reloads": self.follow_reloads}
 
     async def __aenter__(self) -> Self:
         return self
@@ -348,7 +358,7 @@ class Etcd:
 
     def watch_prefix(
         self, prefix: str, start_revision: int, *, queue_size: int = WATCH_QUEUE
-    ) -> AsyncIterator[WatchEvent]:
+    ) -> AsyncGenerator[WatchEvent, None]:
         """Every change under prefix from start_revision on, in revision order, across reconnects.
 
         The watch remembers the last event it delivered; when the stream breaks (etcd restarted,
@@ -361,7 +371,7 @@ class Etcd:
 
     def watch_range(
         self, start: str, end: str, start_revision: int, *, queue_size: int = WATCH_QUEUE
-    ) -> AsyncIterator[WatchEvent]:
+    ) -> AsyncGenerator[WatchEvent, None]:
         """Like watch_prefix, for the keys in [start, end): one ordered stream over several prefixes."""
         return self._watch(self.full_key(start), self.full_key(end), start_revision, queue_size)
 
@@ -395,17 +405,20 @@ class Etcd:
                             await done
             except EtcdError as e:
                 log.warning("watch of %s..%s failed: %s; reloading", start, end, e)
+                self.follow_reloads += 1
                 await asyncio.sleep(RETRY_MAX)
                 with contextlib.suppress(EtcdError):
                     revision = await snapshot()
 
-    def watch_key(self, key: str, start_revision: int, *, queue_size: int = WATCH_QUEUE) -> AsyncIterator[WatchEvent]:
+    def watch_key(
+        self, key: str, start_revision: int, *, queue_size: int = WATCH_QUEUE
+    ) -> AsyncGenerator[WatchEvent, None]:
         """Like watch_prefix, for one key."""
         return self._watch(self.full_key(key), None, start_revision, queue_size)
 
     async def _watch(
         self, key: bytes, range_end: bytes | None, start_revision: int, queue_size: int
-    ) -> AsyncIterator[WatchEvent]:
+    ) -> AsyncGenerator[WatchEvent, None]:
         assert start_revision >= 1 and queue_size >= 1
         what = f"watch {key.decode()!r}{'*' if range_end else ''}"
         resume_rev = start_revision  # the next etcd watch starts here (inclusive)
@@ -425,6 +438,7 @@ class Etcd:
                     queue.put_nowait(item)
                 except asyncio.QueueFull:
                     overflowed = True
+                    self.watch_overflows += 1
 
             client = self.client
             watch_id: int | None = None
@@ -438,12 +452,14 @@ class Etcd:
                 while True:
                     if overflowed and queue.empty():
                         log.info("%s: queue of %d overflowed, resuming at revision %d", what, queue_size, resume_rev)
+                        self.watch_resumes += 1
                         break
                     item = await queue.get()
                     if isinstance(item, aetcd.exceptions.RevisionCompactedError):
                         raise item
                     if item is None or isinstance(item, BaseException):
                         log.info("%s: stream ended (%r), resuming at revision %d", what, item, resume_rev)
+                        self.watch_resumes += 1
                         break
                     ev = item
                     rev = int(ev.kv.mod_revision)
@@ -467,6 +483,7 @@ class Etcd:
                 ) from e
             except (TimeoutError, aetcd.exceptions.ClientError, grpc.RpcError) as e:
                 log.info("%s at %s: %s: %s; retrying in %.1fs", what, self.url, type(e).__name__, e, delay)
+                self.watch_resumes += 1
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, RETRY_MAX)
             finally:
@@ -691,7 +708,7 @@ class Election:
         kv = await self.etcd.get(self.key)
         return None if kv is None else Leader(kv.value, kv.create_revision)
 
-    async def observe(self) -> AsyncIterator[Leader | None]:
+    async def observe(self) -> AsyncGenerator[Leader | None, None]:
         """Yield the leader now and after every change (None: nobody leads). Each change re-reads the
         key (leader changes are rare), so reconnects and compactions need no special case. Retries
         while etcd is unreachable. Close it with `contextlib.aclosing`."""

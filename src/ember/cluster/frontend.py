@@ -6,6 +6,9 @@ so the Lambda API is the single-process server's, unchanged.
 Waits are bounded: the whole acquire (retries included) by ACQUIRE_BUDGET_S, each attempt by the
 leader's queue deadline, the invocation by the function's timeout plus INVOKE_SLACK_S. An attempt
 also ends when the partition's leader changes (a failover), so a paused leader holds nobody up.
+Invocations in flight on this frontend (acquiring, retrying through a failover, or running) are at
+most `max_in_flight` (MAX_IN_FLIGHT); past it an invoke gets 429 TooManyRequestsException at once.
+Every refusal is counted in `counters()` (GET /metrics, ember.cluster.metrics).
 """
 
 from __future__ import annotations
@@ -33,13 +36,20 @@ MAX_ACQUIRE_RETRIES = 400  # each retry waits for a leader change or RETRY_PAUSE
 RETRY_PAUSE_S = 0.05
 INVOKE_SLACK_S = 5.0
 CONNECT_TIMEOUT_S = 1.0  # a worker cut off: not connected means not sent, so the acquire is retried (C4)
+# Invocations in flight on one frontend. During a failover every new invoke waits here (up to
+# ACQUIRE_BUDGET_S) for the next leader; this bounds how many (and the connections they hold).
+MAX_IN_FLIGHT = 10_000
 
 
 class ClusterInvoker:
     """The cluster's `Invoker` (ember.invoke.protocol): acquires a sandbox from the function's
     partition leader and sends the invocation to the worker that holds it."""
 
-    def __init__(self, leaders: LeaderMap, partitions: int, max_wait_s: float) -> None:
+    def __init__(self, leaders: LeaderMap, partitions: int, max_wait_s: float,
+                 max_in_flight: int = MAX_IN_FLIGHT) -> None:
+        assert max_in_flight >= 1
+        self.max_in_flight = max_in_flight
+        self.in_flight = 0
         self.leaders = leaders
         self.partitions = partitions
         self.max_wait_s = max_wait_s
@@ -48,6 +58,11 @@ class ClusterInvoker:
         self.warm_starts = 0
         self.acquire_retries = 0
         self.refused = 0
+        self.refused_in_flight = 0  # 429 here: max_in_flight invocations already in flight
+        self.throttled = 0  # 429 from the leader (throttles, back-pressure, its queue bounds)
+        self.no_leader = 0  # 503: no leader answered within ACQUIRE_BUDGET_S
+        self.not_run = 0  # 503: the worker refused it or was not reached (not run), retries used up
+        self.lost = 0  # 502: the payload was sent and no result came back (it may have run)
 
     async def start(self) -> None:
         self.http = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=30))
@@ -63,9 +78,33 @@ class ClusterInvoker:
     def health(self) -> dict[str, int]:
         return self.stats()
 
+    def counters(self) -> dict[str, int]:
+        """This frontend's counters for /metrics (ember.cluster.metrics): its invoke path, its view of
+        the leaders and its etcd client. Counters only grow."""
+        return {**self.stats(), "invokes_refused_in_flight": self.refused_in_flight,
+                "acquires_throttled": self.throttled, "acquires_no_leader": self.no_leader,
+                "invokes_not_run": self.not_run, "invokes_lost_after_send": self.lost,
+                **self.leaders.counters(), **self.leaders.etcd.counters()}
+
+    def gauges(self) -> dict[str, int]:
+        return {"invokes_in_flight": self.in_flight, "invokes_in_flight_max": self.max_in_flight}
+
     async def invoke(
         self, rec: FunctionRecord, payload: bytes, request_id: str, client_context: str | None = None,
         want_tail: bool = False,
+    ) -> tuple[Invocation, Outcome]:
+        if self.in_flight >= self.max_in_flight:
+            self.refused_in_flight += 1
+            raise throttled("CallerRateLimitExceeded")
+        self.in_flight += 1
+        try:
+            return await self._invoke(rec, payload, request_id, client_context)
+        finally:
+            self.in_flight -= 1
+            assert self.in_flight >= 0
+
+    async def _invoke(
+        self, rec: FunctionRecord, payload: bytes, request_id: str, client_context: str | None,
     ) -> tuple[Invocation, Outcome]:
         loop = asyncio.get_running_loop()
         inv = Invocation(request_id, payload, loop.create_future(), client_context)
@@ -101,11 +140,14 @@ class ClusterInvoker:
                 if (doc or {}).get("reason") == "init-failed" and isinstance(detail, dict):
                     body = detail.get("body", "").replace("{request_id}", call.request_id).encode()
                     raise InitFailed(Outcome(Outcome.FUNCTION_ERROR, body, detail.get("type")))
+                if status == 429:
+                    self.throttled += 1
                 raise _refused(doc or {}, status, name, call.request_id)
             # no answer, no leader, or not the leader (any more): retry on whoever leads next
             self.acquire_retries += 1
             left = deadline - time.monotonic()
             if call.on_timer() == "give-up" or left <= 0:
+                self.no_leader += 1
                 raise LambdaError(503, "ServiceException",
                                   f"no leader answered for partition {p} within {ACQUIRE_BUDGET_S:.0f}s; retry")
             if not changed.is_set():  # wake at the failover, or back off while the same leader fails
@@ -150,9 +192,11 @@ class ClusterInvoker:
         except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError) as exc:  # never connected: not sent
             if call.on_refused() == "retry":
                 return None
+            self.not_run += 1
             raise LambdaError(503, "ServiceException", f"cannot reach the worker ({exc}); retry") from None
         except (aiohttp.ClientError, TimeoutError) as exc:
             call.on_timer()  # fe_give_up: never re-send
+            self.lost += 1
             raise LambdaError(
                 502, "ServiceException",
                 f"lost the worker running request {call.request_id} ({type(exc).__name__}); it may or may not "
@@ -160,6 +204,7 @@ class ClusterInvoker:
         if status == 409:  # w_reject: the worker did not run it
             if call.on_refused() == "retry":
                 return None
+            self.not_run += 1
             reason = orjson.loads(data).get("refused", "") if data else ""
             raise LambdaError(503, "ServiceException", f"the worker refused the sandbox ({reason}); retry")
         call.on_result()

@@ -21,6 +21,11 @@ class LeaderMap:
         self._changed: dict[int, asyncio.Event] = {}
         self._deadlines: dict[int, set[asyncio.Timeout]] = {}  # attempts to cut short at a change
         self._task: asyncio.Task[None] | None = None
+        self.leader_changes = 0  # changes of some partition's leader seen (a failover, a first election)
+        self.attempts_interrupted = 0  # acquires in flight cut short by a leader change
+
+    def counters(self) -> dict[str, int]:
+        return {"leader_changes": self.leader_changes, "acquires_interrupted": self.attempts_interrupted}
 
     def get(self, p: int) -> tuple[str, int] | None:
         return self.leaders.get(p)
@@ -72,6 +77,7 @@ class LeaderMap:
             self.leaders.pop(p, None)
         else:
             self.leaders[p] = leader
+        self.leader_changes += 1
         ev = self._changed.pop(p, None)
         if ev is not None:
             ev.set()
@@ -80,6 +86,7 @@ class LeaderMap:
             now = asyncio.get_running_loop().time()
             for deadline in waiting:
                 deadline.reschedule(now)
+            self.attempts_interrupted += len(waiting)
 
     def _on_event(self, ev: WatchEvent) -> None:
         p = _partition(ev.key)

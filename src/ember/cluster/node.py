@@ -20,7 +20,7 @@ from aiohttp import web
 from ember.api.control import ControlPlane, Settings
 from ember.api.frontend import Frontend
 from ember.boot import Boot
-from ember.cluster import layout
+from ember.cluster import layout, metrics
 from ember.cluster.assigner import AssignerNode
 from ember.cluster.catalog import Catalog
 from ember.cluster.etcd import EtcdError, connect, dumps, loads
@@ -95,7 +95,7 @@ async def serve_role(opts: ServeOptions, ro: RoleOptions, stop: asyncio.Event | 
                                       "partitions": partitions, **invoker.stats()})
 
         app.router.add_get("/_cluster/status", status)
-        # TODO-merge metrics.routes(app, "frontend", invoker.counters)
+        metrics.routes(app, "frontend", invoker.counters, invoker.gauges)
         frontend.routes(app)
     if ro.role == "assigner":
         keep_alive = opts.keep_alive
@@ -109,12 +109,12 @@ async def serve_role(opts: ServeOptions, ro: RoleOptions, stop: asyncio.Event | 
                             account_limit=opts.account_concurrency)
         catalog.listeners.append(node.function_changed)
         node.routes(app)
-        # TODO-merge metrics.routes(app, "assigner", node.counters)
+        metrics.routes(app, "assigner", node.counters, node.gauges)
     elif ro.role == "worker":
         isolation = await boot.isolation()
         node = WorkerNode(etcd, node_id, "", control, catalog, isolation, partitions, ro.lease_ttl, ro.capacity_mb)
         node.routes(app)
-        # TODO-merge metrics.routes(app, "worker", node.counters)
+        metrics.routes(app, "worker", node.counters)
     url = await boot.listen(app)
     settings.endpoint = url
     if node is not None:

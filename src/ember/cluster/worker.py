@@ -18,7 +18,6 @@ import asyncio
 import contextlib
 import logging
 import os
-import time
 from typing import Any
 
 import aiohttp
@@ -29,6 +28,7 @@ from ember.api.control import ControlPlane
 from ember.cluster.catalog import Catalog
 from ember.cluster.etcd import Etcd, EtcdError, Session, SessionLost, dumps
 from ember.cluster.leaders import LeaderMap
+from ember.cluster.waits import Signal
 from ember.core.host import Host, SlotState
 from ember.sandbox.host import SandboxHost
 from ember.sandbox.process import Invocation, Outcome, SandboxProcess, SandboxRef
@@ -66,6 +66,8 @@ class WorkerNode:
         self._notifying = 0
         self.notify_dropped = 0  # READY/RELEASE/GONE not sent (no leader known, or MAX_NOTIFY in flight)
         self.stopping = False
+        self.catalog_changed = Signal()  # a function's record was applied (START may wait for it)
+        catalog.listeners.append(lambda name: self.catalog_changed.notify())
 
     @property
     def procs(self) -> dict[int, SandboxProcess]:
@@ -80,7 +82,7 @@ class WorkerNode:
         """For /metrics (ember.cluster.metrics)."""
         return {
             "sandboxes": len(self.procs), "notify_dropped": self.notify_dropped,
-            "notify_in_flight": self._notifying, **self.sandboxes.stats(),
+            "notify_in_flight": self._notifying, **self.sandboxes.stats(), **self.etcd.counters(),
         }
 
     # ------------------------------------------------------------------ lifecycle
@@ -167,12 +169,11 @@ class WorkerNode:
         return web.json_response({"ok": True}, status=202)
 
     async def _launch(self, sid: int, p: int, name: str, revision: int) -> None:
-        deadline = time.monotonic() + CATALOG_WAIT_S
-        while True:
+        def seen() -> bool:
             rec = self.control.functions.get(name)
-            if (rec is not None and rec.revision >= revision) or time.monotonic() > deadline:
-                break
-            await asyncio.sleep(0.05)
+            return rec is not None and rec.revision >= revision
+
+        await self.catalog_changed.wait_until(seen, CATALOG_WAIT_S)  # bounded: then it starts what it has
         spec = self.control.launch_spec(name, sid)
         if spec is None or sid not in self.host.slots:
             self.host.exited(sid)

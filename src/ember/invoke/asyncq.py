@@ -38,6 +38,10 @@ log = logging.getLogger("ember.invoke.asyncq")
 
 MAX_ASYNC_PAYLOAD = 1024 * 1024  # Lambda's limit for an asynchronous invoke: 1 MB
 MAX_PENDING_WRITES = 20_000  # accepts waiting for a commit; beyond this, 429 (tenet 3)
+# Events accepted and not finished (ready, delayed, running), which the dispatcher keeps in memory
+# (not their payloads: those stay on disk). Beyond this an accept gets 429. Only accepts are refused:
+# events already stored (reloaded at start, destinations of finished events) are never dropped.
+MAX_QUEUED_EVENTS = 500_000
 MAX_BATCH = 2_000
 
 _SCHEMA = """
@@ -112,7 +116,12 @@ class AsyncInvoker:
         policy_for: Callable[[str], tuple[RetryPolicy, dict[str, str]]],
         max_inflight: int = 32,
         delay_scale: float = 1.0,
+        max_queued: int = MAX_QUEUED_EVENTS,
+        max_pending_writes: int = MAX_PENDING_WRITES,
     ) -> None:
+        assert max_queued >= 1 and max_pending_writes >= 1
+        self.max_queued = max_queued
+        self.max_pending_writes = max_pending_writes
         self.path = data_dir / "queue.db"
         self.functions = functions  # name -> FunctionRecord, the control plane's live view
         self.invoke = invoke  # LocalInvoker.invoke
@@ -127,7 +136,8 @@ class AsyncInvoker:
         self._kick = asyncio.Event()
         self._wake = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
-        self._running: set[asyncio.Task[None]] = set()
+        self._running: set[asyncio.Task[None]] = set()  # runs and settles: owned, awaited by stop
+        self._accepting = 0  # accepts waiting for their commit (not yet in core.depth)
         self._next_id = 1
         self._closing = False
         self.accepted = 0
@@ -135,6 +145,9 @@ class AsyncInvoker:
         self.dropped: dict[str, int] = {}  # function -> finished without success and nowhere to go
         self.delivered: dict[str, int] = {}  # destination deliveries by kind
         self.last_commit_error: str | None = None
+        self.refused_writer_busy = 0  # 429: max_pending_writes writes already wait for a commit
+        self.refused_queue_full = 0  # 429: max_queued events already queued
+        self.commit_failures = 0  # commits that failed: their accepts heard 500, not 202
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -151,6 +164,9 @@ class AsyncInvoker:
             self.core.set_cap(name, rec.reserved_concurrency)
         if rows:
             log.info("async queue reloaded", extra={"events": len(rows)})
+        if self.core.depth >= self.max_queued:  # kept all the same: they were accepted
+            log.warning("async queue is over its bound: accepts get 429 until it drains",
+                        extra={"events": self.core.depth, "max_queued": self.max_queued})
         self._tasks = [
             self.loop.create_task(self._write_loop()),
             self.loop.create_task(self._dispatch_loop()),
@@ -177,25 +193,28 @@ class AsyncInvoker:
 
     async def accept(self, function: str, payload: bytes, request_id: str) -> None:
         """Store the event durably; returns once it is committed. Raises LambdaError 429 when the
-        writer is too far behind (a bounded queue, never an unbounded wait)."""
-        if len(self._ops) >= MAX_PENDING_WRITES:
-            err = LambdaError(
-                429,
-                "TooManyRequestsException",
-                "Asynchronous invoke queue is busy; retry",
-                Reason="CallerRateLimitExceeded",
-            )
-            err.headers["Retry-After"] = "1"
-            raise err
+        writer is too far behind, or when max_queued events already wait (bounded queues, never an
+        unbounded wait); every refusal is counted."""
+        if len(self._ops) >= self.max_pending_writes:
+            self.refused_writer_busy += 1
+            raise _busy("Asynchronous invoke queue is busy; retry")
+        if self.core.depth + self._accepting >= self.max_queued:
+            self.refused_queue_full += 1
+            raise _busy(f"Asynchronous invoke queue is full ({self.max_queued} events); retry")
         now = time.time()
         ev = Event(self._next_id, request_id, function, now, not_before=now)
         self._next_id += 1
-        await self._write(
-            (
-                "INSERT INTO events VALUES (?, ?, ?, ?, ?, 0, 0, ?)",
-                (ev.id, request_id, function, payload, now, now),
+        self._accepting += 1
+        try:
+            await self._write(
+                (
+                    "INSERT INTO events VALUES (?, ?, ?, ?, ?, 0, 0, ?)",
+                    (ev.id, request_id, function, payload, now, now),
+                )
             )
-        )
+        finally:
+            self._accepting -= 1
+            assert self._accepting >= 0
         self.accepted += 1
         self.core.add(ev, time.time())
         self._wake.set()
@@ -226,6 +245,7 @@ class AsyncInvoker:
             await self.loop.run_in_executor(self.writer.pool, self.writer.commit, [ops for ops, _ in batch])
         except Exception as exc:  # the disk failed: nobody hears 202 for what was not stored
             self.last_commit_error = repr(exc)
+            self.commit_failures += 1
             log.exception("queue commit failed", extra={"ops": len(batch)})
             for _, fut in batch:
                 if not fut.done():
@@ -247,7 +267,7 @@ class AsyncInvoker:
             now = time.time()
             self.core.tick(now)
             for ev, decision in self.core.expire_paused(now, lambda name: self.policy_for(name)[0].max_age_s):
-                self.loop.create_task(self._settle(ev, decision, None, None))
+                self._own(self.loop.create_task(self._settle(ev, decision, None, None)))
             self._wake.set()
 
     async def _dispatch_loop(self) -> None:
@@ -257,9 +277,11 @@ class AsyncInvoker:
                 await self._wake.wait()
                 self._wake.clear()
                 continue
-            task = self.loop.create_task(self._run(ev))
-            self._running.add(task)
-            task.add_done_callback(self._running.discard)
+            self._own(self.loop.create_task(self._run(ev)))
+
+    def _own(self, task: asyncio.Task[None]) -> None:
+        self._running.add(task)
+        task.add_done_callback(self._running.discard)
 
     async def _run(self, ev: Event) -> None:
         policy, dest = self.policy_for(ev.function)
@@ -398,6 +420,18 @@ class AsyncInvoker:
             "dropped": sum(self.dropped.values()),
         }
 
+    def counters(self) -> dict[str, int]:
+        """Monotonic counts for /metrics: what was accepted, finished, and refused or dropped at a bound."""
+        return {
+            "async_accepted": self.accepted,
+            "async_succeeded": self.succeeded,
+            "async_retries": self.core.retries,
+            "async_dropped": sum(self.dropped.values()),
+            "async_refused_writer_busy": self.refused_writer_busy,
+            "async_refused_queue_full": self.refused_queue_full,
+            "async_commit_failures": self.commit_failures,
+        }
+
     def stats(self) -> dict[str, Any]:
         now = time.time()
         per_function = self.core.stats(now)
@@ -416,6 +450,13 @@ class AsyncInvoker:
             "destinations": dict(self.delivered),
             "functions": per_function,
         }
+
+
+def _busy(message: str) -> LambdaError:
+    """Lambda's 429 for an asynchronous invoke that cannot be queued now."""
+    err = LambdaError(429, "TooManyRequestsException", message, Reason="CallerRateLimitExceeded")
+    err.headers["Retry-After"] = "1"
+    return err
 
 
 def _follow_id(request_id: str, arn: str) -> str:
