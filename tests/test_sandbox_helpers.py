@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from ember.sandbox import jail, pool, spawn, unshare_helper, zygote, zygote_server
+from ember.sandbox import fresh_runtime, jail, pool, spawn, unshare_helper, zygote, zygote_server
 from ember.sandbox.jail import IsolationConfig, Jailer
 
 # ------------------------------------------------------------------ the text is the module
@@ -45,7 +45,12 @@ def test_the_unshare_helper_runs_exactly_its_module_file_with_a_config_it_accept
     assert bytes.fromhex(cfg["seccomp"]) == jailer.seccomp
 
 
-@pytest.mark.parametrize("module", [zygote_server, unshare_helper])
+def test_a_fresh_pooled_runtime_runs_exactly_its_module_file() -> None:
+    assert Path(fresh_runtime.__file__).read_text(encoding="utf-8") == pool.ZYGOTE
+    assert "__main__" in pool.ZYGOTE  # `python -c` runs it as __main__
+
+
+@pytest.mark.parametrize("module", [zygote_server, unshare_helper, fresh_runtime])
 def test_the_helpers_import_nothing_of_embers(module: object) -> None:
     tree = ast.parse(Path(module.__file__).read_text())  # type: ignore[attr-defined]
     imported = {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}

@@ -185,6 +185,8 @@ class AssignerNode:
         """What this assigner refused, dropped or gave up on at its bounds, and its elections (for
         /metrics: ember.cluster.metrics). Counters only grow."""
         return {**self.counted, "elections": self.elections, "elections_from_tail": self.tail_hits,
+                "leader_refused_parked": sum(part.leader.refused_parked for part in self.parts),
+                "leader_dropped_held": sum(part.leader.dropped_held for part in self.parts),
                 **self.etcd.counters()}
 
     def gauges(self) -> dict[str, int]:

@@ -27,6 +27,7 @@ import shutil
 import signal
 import socket
 import sys
+from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -56,31 +57,9 @@ READY_READ_BYTES = 16
 ZYGOTE_RETRY_S = 10.0  # at most one zygote start per this, after one failed
 BACKOFF_FIRST_S, BACKOFF_MAX_S = 0.1, 60.0  # pre-started runtimes that keep dying: doubling delays
 
-# Runs inside the sandbox as `python -c ZYGOTE READY_FD`. Kept as a string so no ember file needs to
-# be visible in the sandbox.
-ZYGOTE = r"""
-import os, sys, json
-import awslambdaric.__main__ as _main, awslambdaric.bootstrap as _bootstrap
-import concurrent.futures.thread, awslambdaric.lambda_literals  # imported lazily on the way to /next
-_ready = int(sys.argv[1])
-try:
-    os.write(_ready, b"R")  # EPIPE when ember took this runtime before it was ready: fine
-except OSError:
-    pass
-os.close(_ready)
-_line = sys.stdin.buffer.readline()
-if not _line:
-    os._exit(0)
-_spec = json.loads(_line)
-_null = os.open("/dev/null", os.O_RDONLY); os.dup2(_null, 0); os.close(_null)
-os.environ.clear(); os.environ.update(_spec["env"])
-_bootstrap._AWS_LAMBDA_LOG_FORMAT = _bootstrap.LogFormat.from_str(os.environ.get("AWS_LAMBDA_LOG_FORMAT"))
-_bootstrap._AWS_LAMBDA_LOG_LEVEL = _bootstrap._get_log_level_from_env_var(os.environ.get("AWS_LAMBDA_LOG_LEVEL"))
-os.chdir("/var/task")
-sys.path[0] = "/var/task"
-sys.argv = ["awslambdaric", _spec["handler"]]
-_main.main(sys.argv)
-"""
+# Runs inside the sandbox as `python -c ZYGOTE READY_FD` when the zygote is off: a real module
+# (ember/sandbox/fresh_runtime.py), passed as text so no ember file needs to be visible in the sandbox.
+ZYGOTE = resources.files("ember.sandbox").joinpath("fresh_runtime.py").read_text(encoding="utf-8")
 
 GENERIC_ENV = {"PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "en_US.UTF-8", "TZ": ":UTC"}
 
