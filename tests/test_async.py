@@ -381,6 +381,13 @@ def test_the_queue_refuses_past_its_bound_with_429_and_counts_it(tmp_path: Path)
                 429, "TooManyRequestsException", "CallerRateLimitExceeded")
             assert q.counters()["async_refused_queue_full"] == 1
             assert q.counters()["async_accepted"] == 2
+            from prometheus_client import generate_latest
+
+            from ember.core.assignment import Assigner
+            from ember.observe.metrics import Observer, registry
+
+            scraped = generate_latest(registry(Observer(Assigner()), q)).decode()
+            assert 'ember_async_events_refused_total{reason="queue_full"} 1.0' in scraped  # in /metrics
             stored = sqlite3.connect(tmp_path / "queue.db").execute("SELECT request_id FROM events").fetchall()
             assert sorted(r for (r,) in stored) == ["r1", "r2"]  # the refused one was never stored
             gate.set()

@@ -498,6 +498,19 @@ class PrometheusCollector:
             for name, n in sorted(async_dropped(self.asyncq).items()):
                 dropped.add_metric([name], n)
             yield dropped
+            if hasattr(self.asyncq, "counters"):
+                c = self.asyncq.counters()
+                refused = counter(
+                    "ember_async_events_refused",
+                    "Event invocations refused at a bound (429), by why: queue_full, writer_busy.",
+                    ["reason"],
+                )
+                refused.add_metric(["queue_full"], c["async_refused_queue_full"])
+                refused.add_metric(["writer_busy"], c["async_refused_writer_busy"])
+                yield refused
+                failures = counter("ember_async_commit_failures", "Group commits of the event queue that failed.", [])
+                failures.add_metric([], c["async_commit_failures"])
+                yield failures
 
         yield CounterMetricFamily(
             "ember_account_invocations",
