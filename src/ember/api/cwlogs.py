@@ -32,10 +32,9 @@ import binascii
 import logging
 import uuid
 from collections.abc import Awaitable, Callable, Iterable
-from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import orjson
 from aiohttp import web
@@ -106,20 +105,23 @@ def stream_missing() -> LogsError:
 # ---------------------------------------------------------------------- events
 
 
-@dataclass(slots=True, frozen=True)
-class Event:
-    key: Key
+class Event(NamedTuple):
+    """One CloudWatch event. Tuples order by their key fields first (keys never repeat)."""
+
+    ts: int
+    seq: int  # the segment's sequence number (its file name)
+    off: int  # the byte offset of the stored event in the segment
+    line: int  # the line of the stored event's message
     stream: str
     message: str
 
     @property
-    def ts(self) -> int:
-        return self.key[0]
+    def key(self) -> Key:
+        return self.ts, self.seq, self.off, self.line
 
     @property
     def event_id(self) -> str:
-        ts, seq, off, line = self.key
-        return f"{ts:013d}{seq:010d}{off:012d}{line:06d}"
+        return f"{self.ts:013d}{self.seq:010d}{self.off:012d}{self.line:06d}"
 
     @property
     def size(self) -> int:
@@ -170,9 +172,22 @@ def scan(
             if want is not None and not want(stream):
                 continue
             for n, line in enumerate(_lines(message)):
-                out.append(Event((ts, seq, at, n), stream, line))
-    out.sort(key=lambda e: e.key)
+                out.append(Event(ts, seq, at, n, stream, line))
+    out.sort()
     return out
+
+
+def _streams(segments: list[tuple[Path, int, int]], want: Callable[[str], bool] | None) -> dict[str, dict[str, int]]:
+    """Each stream's first and last event time."""
+    info: dict[str, dict[str, int]] = {}
+    for e in scan(segments, want=want):
+        s = info.get(e.stream)
+        if s is None:
+            info[e.stream] = {"first": e.ts, "last": e.ts}
+        else:
+            s["first"] = min(s["first"], e.ts)
+            s["last"] = max(s["last"], e.ts)
+    return info
 
 
 def _segment_seq(path: Path) -> int:
@@ -357,12 +372,15 @@ class CloudWatchLogs:
             raise group_missing()
         return group, function
 
+    def _segments(self, function: str) -> list[tuple[Path, int, int]]:
+        if 0 < len(self.logs.pending) <= 4 * FLUSH_CHUNK:
+            self.logs.flush()  # what just ended is readable at once; a backlog is the writer's to drain
+        return self.logs.segments(function)
+
     async def _scan(
         self, function: str, start: int | None, end: int | None, want: Callable[[str], bool] | None
     ) -> list[Event]:
-        if 0 < len(self.logs.pending) <= 4 * FLUSH_CHUNK:
-            self.logs.flush()  # what just ended is readable at once; a backlog is the writer's to drain
-        return await asyncio.to_thread(scan, self.logs.segments(function), start, end, want)
+        return await asyncio.to_thread(scan, self._segments(function), start, end, want)
 
     def _creation_time(self, function: str) -> int:
         segments = self.logs.segments(function)
@@ -441,15 +459,7 @@ class CloudWatchLogs:
         if order == "LastEventTime" and prefix is not None:
             raise invalid("Cannot order by LastEventTime with a logStreamNamePrefix.")
         want = _prefixed(prefix) if prefix is not None else None
-        events = await self._scan(function, None, None, want)
-        info: dict[str, dict[str, Any]] = {}
-        for e in events:
-            s = info.get(e.stream)
-            if s is None:
-                s = info[e.stream] = {"first": e.ts, "last": e.ts, "bytes": 0}
-            s["first"] = min(s["first"], e.ts)
-            s["last"] = max(s["last"], e.ts)
-            s["bytes"] += e.size
+        info = await asyncio.to_thread(_streams, self._segments(function), want)
 
         def sort_key(name: str) -> list[Any]:
             return [name] if order == "LogStreamName" else [info[name]["last"], name]
@@ -567,10 +577,15 @@ class CloudWatchLogs:
             want = set(names).__contains__
         elif prefix is not None:
             want = _prefixed(prefix)
-        events = await self._scan(function, start, end, want)
-        if after is not None:
-            events = [e for e in events if e.key > after]
-        page, more = _filtered(events, match, limit)
+        segments = self._segments(function)
+
+        def search() -> tuple[list[Event], bool]:  # off the event loop: reading and matching
+            events = scan(segments, start, end, want)
+            if after is not None:
+                events = [e for e in events if e.key > after]
+            return _filtered(events, match, limit)
+
+        page, more = await asyncio.to_thread(search)
         out: dict[str, Any] = {
             "events": [
                 {
