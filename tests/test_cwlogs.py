@@ -587,3 +587,61 @@ def test_filter_pattern_subset() -> None:
     for bad in ("[a, b]", "{ $.a = }", "{ $.a", "{ a = 1 }", '{ $.a > "x" }', '"open', "%(%", "{ }", "x" * 1025):
         with pytest.raises(PatternError):
             compile_pattern(bad)
+
+
+# ---------------------------------------------------------------------- fuzzing
+
+
+MEMBERS = {
+    "DescribeLogGroups": ["logGroupNamePrefix", "logGroupNamePattern", "logGroupIdentifiers", "limit", "nextToken",
+                          "includeLinkedAccounts", "logGroupClass"],
+    "DescribeLogStreams": ["logGroupName", "logGroupIdentifier", "logStreamNamePrefix", "orderBy", "descending",
+                           "limit", "nextToken"],
+    "GetLogEvents": ["logGroupName", "logGroupIdentifier", "logStreamName", "startTime", "endTime", "limit",
+                     "startFromHead", "nextToken", "unmask"],
+    "FilterLogEvents": ["logGroupName", "logGroupIdentifier", "logStreamNames", "logStreamNamePrefix", "startTime",
+                        "endTime", "filterPattern", "limit", "nextToken", "interleaved"],
+}  # fmt: skip
+
+
+def test_fuzzed_requests_never_fail_the_server(srv, talk) -> None:
+    """Any JSON object of known and odd members, of any types: a 200 or a 400 in CloudWatch Logs'
+    shape, never a 5xx; the log is unchanged afterwards."""
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    logs = logs_client(srv)
+    before = [e["eventId"] for e in logs.filter_log_events(logGroupName=GROUP)["events"]]
+    stream = talk["first_stream"]
+    scalars = st.one_of(
+        st.none(), st.booleans(), st.integers(-(2**70), 2**70), st.floats(allow_nan=False),
+        st.sampled_from([GROUP, "/aws/lambda/nope", stream, "f/1-1-1-1", "b/0-0-0-0", "n/1-2-3-4", "REPORT",
+                         '{ $.n > 1 }', "[a]", "LastEventTime", "LogStreamName", "", "arn:aws:logs:x:y:log-group:"
+                         + GROUP + ":*"]),
+        st.text(max_size=40),
+    )  # fmt: skip
+    values = st.one_of(
+        scalars, st.lists(scalars, max_size=4), st.dictionaries(st.text(max_size=5), scalars, max_size=2)
+    )
+
+    @st.composite
+    def request(draw) -> tuple[str, dict]:
+        op = draw(st.sampled_from(sorted(MEMBERS)))
+        keys = draw(st.lists(st.sampled_from([*MEMBERS[op], "bogus"]), max_size=5, unique=True))
+        return op, {k: draw(values) for k in keys}
+
+    @given(request())
+    @settings(max_examples=150, deadline=None, derandomize=True, database=None,
+              suppress_health_check=list(HealthCheck))  # fmt: skip
+    def check(req: tuple[str, dict]) -> None:
+        op, body = req
+        status, _, raw = _post(srv, json.dumps(body).encode(), f"Logs_20140328.{op}")
+        doc = json.loads(raw)
+        assert status in (200, 400), (op, body, status, doc)
+        if status == 400:
+            assert doc["__type"] in (
+                "InvalidParameterException", "ResourceNotFoundException", "SerializationException"
+            ), (op, body, doc)  # fmt: skip
+
+    check()
+    assert [e["eventId"] for e in logs.filter_log_events(logGroupName=GROUP)["events"]] == before
