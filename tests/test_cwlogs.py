@@ -2,16 +2,18 @@
 read a function's START / END / REPORT lines as log group /aws/lambda/NAME, one stream per sandbox,
 with CloudWatch's pagination, tokens and errors; with `--auth`, calls are signed for service `logs`.
 
-The installed AWS CLI is v1, which has no `aws logs tail` (a v2 command). Its exact call sequence
-(FilterLogEvents with logGroupName, interleaved, startTime = now - 10m, paginated; with --follow, the
-same call repeated with the newest timestamp seen, deduplicated by eventId) is replayed with boto3
-here; `aws logs filter-log-events` / `get-log-events` / `describe-*` run through the real CLI, and
-`aws logs tail` too where the CLI has it."""
+The venv's AWS CLI is v1 (PyPI has no v2), which has no `aws logs tail` (a v2 command). Its exact
+call sequence (FilterLogEvents with logGroupName, interleaved, startTime = now - 10m, paginated; with
+--follow, the same call repeated with the newest timestamp seen, deduplicated by eventId) is
+replayed with boto3 here; `aws logs filter-log-events` / `get-log-events` / `describe-*` run through
+the real v1 CLI; the real `aws logs tail [--follow]` runs where a v2 CLI is installed
+(EMBER_AWSCLI_V2=/path/to/aws, or `aws` on PATH) and is skipped elsewhere."""
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import threading
@@ -439,7 +441,7 @@ def test_aws_logs_tail_follow_call_sequence_sees_new_invocations_once(srv, talk)
 # ---------------------------------------------------------------------- the AWS CLI
 
 
-def _aws(srv: EmberServer, tmp_path: Path, *args: str, key: str = KEY, secret: str = SECRET):
+def _aws_env(tmp_path: Path, key: str = KEY, secret: str = SECRET) -> dict[str, str]:
     env = {
         **os.environ,
         "AWS_ACCESS_KEY_ID": key,
@@ -450,15 +452,28 @@ def _aws(srv: EmberServer, tmp_path: Path, *args: str, key: str = KEY, secret: s
         "AWS_MAX_ATTEMPTS": "1",
     }
     env.pop("AWS_PROFILE", None)
-    aws = Path(sys.executable).with_name("aws")
+    return env
+
+
+def _aws(srv: EmberServer, tmp_path: Path, *args: str, key: str = KEY, secret: str = SECRET, cli: str = ""):
+    aws = cli or str(Path(sys.executable).with_name("aws"))
     return subprocess.run(
-        [str(aws), "logs", *args, "--endpoint-url", srv.url],
-        env=env, capture_output=True, text=True, timeout=120,
+        [aws, "logs", *args, "--endpoint-url", srv.url],
+        env=_aws_env(tmp_path, key, secret), capture_output=True, text=True, timeout=120,
     )  # fmt: skip
 
 
-def _cli_has_tail(srv: EmberServer, tmp_path: Path) -> bool:
-    return _aws(srv, tmp_path, "tail", "help").returncode == 0
+def _cli_v2(tmp_path: Path) -> str | None:
+    """An AWS CLI that has `logs tail` (v2): $EMBER_AWSCLI_V2, else `aws` on PATH, else the venv's."""
+    for cli in (os.environ.get("EMBER_AWSCLI_V2"), shutil.which("aws"), str(Path(sys.executable).with_name("aws"))):
+        if not cli:
+            continue
+        probe = subprocess.run(
+            [cli, "logs", "tail", "help"], env=_aws_env(tmp_path), capture_output=True, text=True, timeout=60
+        )
+        if probe.returncode == 0:
+            return cli
+    return None
 
 
 def _check_cli(srv: EmberServer, tmp_path: Path, name: str, rid: str, **creds: str) -> None:
@@ -482,11 +497,6 @@ def _check_cli(srv: EmberServer, tmp_path: Path, name: str, rid: str, **creds: s
     assert done.returncode == 0 and group in done.stdout, done.stderr
     done = _aws(srv, tmp_path, "filter-log-events", "--log-group-name", "/aws/lambda/none", **creds)
     assert done.returncode != 0 and "ResourceNotFoundException" in done.stderr
-    if _cli_has_tail(srv, tmp_path):  # AWS CLI v2
-        done = _aws(srv, tmp_path, "tail", group, "--format", "short", **creds)
-        assert done.returncode == 0, done.stderr
-        assert f"START RequestId: {rid}" in done.stdout and f"END RequestId: {rid}" in done.stdout
-        assert f"REPORT RequestId: {rid}" in done.stdout
 
 
 def test_aws_cli_reads_an_invocations_log(srv, talk, tmp_path: Path) -> None:
@@ -496,6 +506,46 @@ def test_aws_cli_reads_an_invocations_log(srv, talk, tmp_path: Path) -> None:
     logs = logs_client(srv)
     assert wait_for(lambda: logs.filter_log_events(logGroupName="/aws/lambda/clilog", filterPattern="REPORT")["events"])
     _check_cli(srv, tmp_path, "clilog", rid)
+
+
+def test_aws_cli_v2_logs_tail_and_follow_print_start_end_report(srv, talk, tmp_path: Path) -> None:
+    """The bar, with the real command. AWS CLI v2 is not on PyPI: this runs where one is installed
+    (EMBER_AWSCLI_V2=/path/to/aws, or `aws` on PATH), and is skipped elsewhere."""
+    cli = _cli_v2(tmp_path)
+    if cli is None:
+        pytest.skip("no AWS CLI v2 here (`aws logs tail` is v2-only; set EMBER_AWSCLI_V2)")
+    lam = srv.client()
+    create(lam, "tailv2", TALK)
+    rid = invoke(lam, "tailv2", n=1)["rid"]
+    logs = logs_client(srv)
+    assert wait_for(lambda: logs.filter_log_events(logGroupName="/aws/lambda/tailv2", filterPattern="REPORT")["events"])
+    done = _aws(srv, tmp_path, "tail", "/aws/lambda/tailv2", cli=cli)
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert any(line.endswith(f" START RequestId: {rid} Version: $LATEST") for line in lines), lines
+    assert any(line.endswith(f" END RequestId: {rid}") for line in lines), lines
+    assert any(f" REPORT RequestId: {rid}\tDuration: " in line for line in lines), lines
+    done = _aws(srv, tmp_path, "tail", "/aws/lambda/none", cli=cli)
+    assert done.returncode != 0 and "ResourceNotFoundException" in done.stderr
+    # --follow: an invocation made while it runs shows up, once
+    follower = subprocess.Popen(
+        [cli, "logs", "tail", "/aws/lambda/tailv2", "--follow", "--format", "short", "--endpoint-url", srv.url],
+        env=_aws_env(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        time.sleep(2.0)
+        later = invoke(lam, "tailv2", n=2)["rid"]
+        got: list[str] = []
+        reader = threading.Thread(target=lambda: got.extend(iter(follower.stdout.readline, "")), daemon=True)
+        reader.start()
+        assert wait_for(lambda: any(f"REPORT RequestId: {later}" in line for line in got), timeout=20), got
+        time.sleep(6)  # one more poll: nothing printed twice
+    finally:
+        follower.terminate()
+        follower.wait(10)
+    reader.join(5)
+    assert sum(f"START RequestId: {later} " in line for line in got) == 1, got
+    assert sum(f"START RequestId: {rid} " in line for line in got) == 1, got
 
 
 # ---------------------------------------------------------------------- with --auth
