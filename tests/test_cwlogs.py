@@ -99,7 +99,7 @@ def talk(srv: EmberServer) -> dict:
         t.join(30)
     rids = [r["rid"] for r in first + results]
     streams = {r["stream"] for r in first + results}
-    assert len(streams) == 2
+    assert len(streams) >= 2  # the two at once cannot share a sandbox
     logs = logs_client(srv)
     assert wait_for(
         lambda: sum("REPORT" in e["message"] for e in logs.filter_log_events(logGroupName=GROUP)["events"]) == 5
@@ -153,17 +153,23 @@ def test_describe_log_streams_order_limit_and_pagination(srv, talk) -> None:
     desc = logs.describe_log_streams(logGroupName=GROUP, descending=True)["logStreams"]
     assert [s["logStreamName"] for s in desc] == sorted(talk["streams"], reverse=True)
     for kw in ({}, {"orderBy": "LastEventTime", "descending": True}, {"descending": True}):
-        page = logs.describe_log_streams(logGroupName=GROUP, limit=1, **kw)
-        assert len(page["logStreams"]) == 1 and "nextToken" in page, kw
-        rest = logs.describe_log_streams(logGroupName=GROUP, limit=1, nextToken=page["nextToken"], **kw)
-        assert len(rest["logStreams"]) == 1 and "nextToken" not in rest, kw
-        assert rest["logStreams"][0]["logStreamName"] != page["logStreams"][0]["logStreamName"]
+        whole = [s["logStreamName"] for s in logs.describe_log_streams(logGroupName=GROUP, **kw)["logStreams"]]
+        got, token = [], None
+        for _ in range(10):
+            more = {"nextToken": token} if token else {}
+            page = logs.describe_log_streams(logGroupName=GROUP, limit=1, **kw, **more)
+            assert len(page["logStreams"]) == 1, kw
+            got.append(page["logStreams"][0]["logStreamName"])
+            token = page.get("nextToken")
+            if token is None:
+                break
+        assert got == whole, kw
     prefix = talk["first_stream"][:-20]
     assert len(logs.describe_log_streams(logGroupName=GROUP, logStreamNamePrefix=prefix)["logStreams"]) >= 1
     assert logs.describe_log_streams(logGroupName=GROUP, logStreamNamePrefix="1999/")["logStreams"] == []
     # by ARN, as logGroupIdentifier
     arn = f"arn:aws:logs:us-east-1:000000000000:log-group:{GROUP}"
-    assert len(logs.describe_log_streams(logGroupIdentifier=arn)["logStreams"]) == 2
+    assert len(logs.describe_log_streams(logGroupIdentifier=arn)["logStreams"]) == len(talk["streams"])
     with pytest.raises(ClientError) as exc:
         logs.describe_log_streams(logGroupName=GROUP, orderBy="LastEventTime", logStreamNamePrefix="2")
     assert error_code(exc) == "InvalidParameterException"
@@ -267,7 +273,7 @@ def test_filter_log_events_streams_patterns_and_pagination(srv, talk) -> None:
 
     assert len(messages(filterPattern="REPORT")) == 5
     assert len(messages(filterPattern='"Billed Duration"')) == 5
-    assert len(messages(filterPattern='"Init Duration"')) == 2  # one cold start per sandbox
+    assert len(messages(filterPattern='"Init Duration"')) == len(talk["streams"])  # a cold start a sandbox
     assert len(messages(filterPattern="?START ?END")) == 10
     assert len(messages(filterPattern="RequestId -REPORT")) == 10
     assert len(messages(filterPattern="1 handling")) == 3  # both terms, anywhere: handling 1, 10, 11
