@@ -324,6 +324,10 @@ def middleware(verifier: Verifier) -> Callable[..., Awaitable[web.StreamResponse
                 return err.response(request_id)
             except Exception:  # never a bare 500: ember's own fault, in Lambda's shape
                 log.exception("signature check failed", extra={"request_id": request_id, "path": path})
+                if is_logs_request(request.headers):
+                    return logs_error_response(
+                        500, "ServiceUnavailableException", "ember failed to check the request's signature", request_id
+                    )
                 return service_error(
                     f"ember failed to check the request's signature (RequestId: {request_id})"
                 ).response(request_id)
