@@ -7,7 +7,10 @@ starting with `#` are ignored.
 Every request except OPEN_PATHS must carry an `Authorization: AWS4-HMAC-SHA256 ...` header that
 botocore's own signer, fed the request as received (method, path as sent, query, the signed headers,
 the body's SHA-256), reproduces with the secret of the named key, dated within five minutes of
-ember's clock. Failures answer 403 in Lambda's shape (`x-amzn-ErrorType` + JSON body):
+ember's clock, scoped to the service `lambda`, or `logs` for a CloudWatch Logs call (ember.api.cwlogs:
+an `X-Amz-Target: Logs_20140328.*` header), whose failures answer 400 in CloudWatch Logs' shape
+(`{"__type": ..., "message": ...}`). Other failures answer 403 in Lambda's shape (`x-amzn-ErrorType` +
+JSON body):
   no Authorization header           MissingAuthenticationTokenException
   a malformed one                   IncompleteSignatureException
   an access key not in the file     UnrecognizedClientException
