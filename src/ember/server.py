@@ -16,6 +16,7 @@ import time
 import orjson
 
 from ember.api.control import ControlPlane, Settings
+from ember.api.cwlogs import CloudWatchLogs
 from ember.api.frontend import Frontend
 from ember.boot import Boot
 from ember.core.assignment import Assigner
@@ -102,6 +103,7 @@ async def serve(opts: ServeOptions, stop: asyncio.Event | None = None) -> None:
     ops = Operations(control, observer, logs, invoker.procs, invoker.loop.time, asyncq)
     ops.routes(app)  # /metrics, /_ember/stats|logs, /dashboard: before the frontend's catch-all route
     ops.start()
+    CloudWatchLogs(control, logs).routes(app)  # POST / with X-Amz-Target Logs_20140328.*: before the catch-all
     frontend.routes(app)
 
     async def stop_invoking() -> None:

@@ -7,7 +7,10 @@ starting with `#` are ignored.
 Every request except OPEN_PATHS must carry an `Authorization: AWS4-HMAC-SHA256 ...` header that
 botocore's own signer, fed the request as received (method, path as sent, query, the signed headers,
 the body's SHA-256), reproduces with the secret of the named key, dated within five minutes of
-ember's clock. Failures answer 403 in Lambda's shape (`x-amzn-ErrorType` + JSON body):
+ember's clock, scoped to the service `lambda`, or `logs` for a CloudWatch Logs call (ember.api.cwlogs:
+an `X-Amz-Target: Logs_20140328.*` header), whose failures answer 400 in CloudWatch Logs' shape
+(`{"__type": ..., "message": ...}`). Other failures answer 403 in Lambda's shape (`x-amzn-ErrorType` +
+JSON body):
   no Authorization header           MissingAuthenticationTokenException
   a malformed one                   IncompleteSignatureException
   an access key not in the file     UnrecognizedClientException
@@ -37,6 +40,8 @@ from botocore.awsrequest import AWSRequest
 from botocore.compat import HTTPHeaders
 from botocore.credentials import Credentials
 
+from ember.api.cwlogs import error_response as logs_error_response
+from ember.api.cwlogs import is_logs_request
 from ember.api.errors import LambdaError, service_error
 from ember.api.frontend import MAX_CONTROL_BODY, MAX_SYNC_PAYLOAD
 from ember.sandbox.process import PRELOADED_BODY, read_bounded
@@ -45,6 +50,7 @@ log = logging.getLogger("ember.api.auth")
 
 ALGORITHM = "AWS4-HMAC-SHA256"
 SERVICE = "lambda"
+LOGS_SERVICE = "logs"  # CloudWatch Logs calls (X-Amz-Target Logs_20140328.*, ember.api.cwlogs)
 MAX_SKEW = timedelta(minutes=5)
 # Routes that answer without a signature: liveness and the API's own description (neither tells
 # anything about functions), and the code download URL GetFunction hands out, which stands in for
@@ -115,8 +121,8 @@ class _Resigner(SigV4Auth):
     """botocore's SigV4 signer, told exactly which headers the client signed (botocore's own list
     of headers never to sign does not apply to what another client chose to sign)."""
 
-    def __init__(self, credentials: Credentials, region: str, signed: list[str]) -> None:
-        super().__init__(credentials, SERVICE, region)
+    def __init__(self, credentials: Credentials, service: str, region: str, signed: list[str]) -> None:
+        super().__init__(credentials, service, region)
         self._signed = signed
 
     def headers_to_sign(self, request: AWSRequest) -> HTTPHeaders:
@@ -214,9 +220,10 @@ class Verifier:
                 f"Date in Credential scope does not match YYYYMMDD from ISO-8601 version of date from "
                 f"HTTP: '{date[:16]}' != '{stamp[:8]}', from '{stamp}'.",
             )
-        if service != SERVICE:
+        expected = LOGS_SERVICE if is_logs_request(request.headers) else SERVICE
+        if service != expected:
             raise _denied(
-                "InvalidSignatureException", f"Credential should be scoped to correct service: '{SERVICE}'."
+                "InvalidSignatureException", f"Credential should be scoped to correct service: '{expected}'."
             )
         if terminator != "aws4_request":
             raise _denied(
@@ -260,7 +267,7 @@ class Verifier:
                 headers[name] = value
         url = f"http://{request.headers.get('Host', 'localhost')}{path}"
         # the key id is not part of what is signed (the credential scope is date/region/service)
-        signer = _Resigner(Credentials("-", secret), scope[1], signed)
+        signer = _Resigner(Credentials("-", secret), scope[2], scope[1], signed)
         # botocore canonicalises the query as it appears in the URL it sends; the SigV4 spec (and
         # the other SDKs) as decoded, then re-encoded: try the first, then the second if it differs.
         as_sent = f"{url}?{query}" if query else url
@@ -315,9 +322,15 @@ def middleware(verifier: Verifier) -> Callable[..., Awaitable[web.StreamResponse
             try:
                 await verifier.verify(request)
             except LambdaError as err:
+                if is_logs_request(request.headers):  # CloudWatch Logs' shape: JSON 1.1, status 400
+                    return logs_error_response(400, err.error_type, err.message, request_id)
                 return err.response(request_id)
             except Exception:  # never a bare 500: ember's own fault, in Lambda's shape
                 log.exception("signature check failed", extra={"request_id": request_id, "path": path})
+                if is_logs_request(request.headers):
+                    return logs_error_response(
+                        500, "ServiceUnavailableException", "ember failed to check the request's signature", request_id
+                    )
                 return service_error(
                     f"ember failed to check the request's signature (RequestId: {request_id})"
                 ).response(request_id)

@@ -251,6 +251,12 @@ class LogStore:
         self.flush()
         return self._read_upto(function, self._extent(function), since_ms, stream, limit)
 
+    def segments(self, function: str) -> list[tuple[Path, int, int]]:
+        """`function`'s segments as written so far, oldest first: (path, first event's ts, bytes).
+        A reader reads each up to that size (segments are appended only, and may be deleted by
+        retention meanwhile). The CloudWatch Logs API reads through this (ember.api.cwlogs)."""
+        return self._extent(function)
+
     def _extent(self, function: str) -> list[tuple[Path, int, int]]:
         group = self._groups.get(function)
         return [] if group is None else [(s.path, s.first_ts, s.size) for s in group.segments]
