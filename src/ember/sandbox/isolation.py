@@ -181,7 +181,8 @@ def _inside(argv: list[str], env: dict[str, str], code_dir: str) -> tuple[list[s
             return TASK_ROOT
         return TASK_ROOT + "/" + value[len(prefix) :] if value.startswith(prefix) else value
 
-    return [fix(a) for a in argv], {k: fix(v) for k, v in env.items()}
+    # lists of paths (LD_LIBRARY_PATH, NODE_PATH) name the code dir in the middle too
+    return [fix(a) for a in argv], {k: ":".join(map(fix, v.split(":"))) for k, v in env.items()}
 
 
 def _open_to_sandboxes(code_dir: str) -> None:

@@ -30,6 +30,7 @@ from pathlib import Path
 
 import orjson
 
+from ember.sandbox import runtimes
 from ember.sandbox.cgroups import Cgroup, Cgroups
 from ember.sandbox.spawn import ChildProcess, SpawnedProcess, enter, read_json, spawn_off_loop, until_exited
 
@@ -309,6 +310,7 @@ class Jailer:
         for name in ETC_FILES:
             args += ["--ro-bind-try", f"/etc/{name}", f"/etc/{name}"]
         runtime_dirs = {os.path.realpath(sys.base_prefix), os.path.realpath(sys.prefix)}
+        runtime_dirs |= runtimes.sandbox_dirs()  # node's runtime client, and node itself outside /usr
         # A runtime under /tmp (a checkout there) is bound elsewhere, so the sandbox's /tmp stays its
         # own and empty; argv naming it is rewritten in `spawn` (a venv finds itself from argv[0]).
         self._moved = {d: f"/opt/ember-runtime/{i}" for i, d in enumerate(sorted(runtime_dirs)) if _under_tmp(d)}

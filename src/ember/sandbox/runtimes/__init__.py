@@ -1,0 +1,57 @@
+"""Runtimes ember starts that are not Python's awslambdaric: Node.js, through ember's own runtime client
+(`node/index.mjs`, plain Node, no dependencies; docs/decisions/0009-nodejs-runtime.md).
+
+nodejs18.x, nodejs20.x and nodejs22.x all run on the host's `node` (`EMBER_NODE`, else the first `node` on
+PATH): ember does not install Node versions. Whichever major version that is, a function gets the
+AWS_EXECUTION_ENV of the runtime it asked for. The client's directory is bound read-only into every
+sandbox (ember.sandbox.jail), at its own path, like the Python interpreter.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import shutil
+from importlib import resources
+
+NODE_RUNTIMES = ("nodejs18.x", "nodejs20.x", "nodejs22.x")
+# the directory of index.mjs (a real directory: ember is installed from source or a wheel, not a zip)
+NODE_CLIENT_DIR = os.path.realpath(str(resources.files("ember.sandbox.runtimes").joinpath("node")))
+NODE_CLIENT = os.path.join(NODE_CLIENT_DIR, "index.mjs")
+
+
+@functools.cache
+def node_binary() -> str:
+    """The node that runs every nodejs runtime: EMBER_NODE, else `node` on ember's PATH (resolved, so the
+    sandbox sees the real file), else /usr/bin/node (a spawn then says it is missing)."""
+    found = os.environ.get("EMBER_NODE") or shutil.which("node") or "/usr/bin/node"
+    return os.path.realpath(found) if os.path.exists(found) else found
+
+
+def node_argv(memory_mb: int) -> list[str]:
+    """Lambda's Node.js bootstrap sizes V8's heap from the function's memory; so does ember."""
+    semi_space = memory_mb // 64 // 2
+    old_space = memory_mb - memory_mb // 64
+    return [node_binary(), f"--max-semi-space-size={semi_space}", f"--max-old-space-size={old_space}", NODE_CLIENT]
+
+
+def node_path(runtime: str, task_root: str) -> str:
+    """NODE_PATH as Lambda sets it: layers' node_modules (per major version, then common), the runtime's
+    directory, the function's code."""
+    major = runtime.removeprefix("nodejs").partition(".")[0]
+    return ":".join(
+        [f"/opt/nodejs/node{major}/node_modules", "/opt/nodejs/node_modules", f"{NODE_CLIENT_DIR}/node_modules",
+         NODE_CLIENT_DIR, task_root]
+    )  # fmt: skip
+
+
+def sandbox_dirs() -> set[str]:
+    """What a sandbox must see of these runtimes besides /usr, /bin and /lib*: the client's directory, and
+    the prefix of a node installed elsewhere (e.g. ~/.nvm/versions/node/vX: its bin/node and lib/)."""
+    dirs = {NODE_CLIENT_DIR}
+    node = node_binary()
+    if os.path.isabs(node) and os.path.exists(node):
+        top = node.split("/")[1]
+        if top not in ("usr", "bin", "sbin", "lib", "lib32", "lib64", "libx32"):
+            dirs.add(os.path.dirname(os.path.dirname(node)))
+    return dirs
