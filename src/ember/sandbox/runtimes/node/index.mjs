@@ -92,7 +92,7 @@ for (const [method, level] of Object.entries(LEVELS)) {
 }
 
 function logError(label, shape) {
-  console.error(label, JSON.stringify({ errorType: shape.errorType, errorMessage: shape.errorMessage, stack: shape.trace }));
+  console.error(label, "\t" + JSON.stringify({ errorType: shape.errorType, errorMessage: shape.errorMessage, stack: shape.trace }));
 }
 
 // ------------------------------------------------------------------ the handler
@@ -177,7 +177,7 @@ function answer(inv, error, result) {
   onEmptyLoop = null;
   if (error !== undefined && error !== null) {
     const shape = errorShape(error);
-    logError("Invoke Error ", shape);
+    logError("Invoke Error", shape);
     inv.finish(post(`/invocation/${inv.id}/error`, JSON.stringify(shape), shape.errorType));
     return;
   }
@@ -269,7 +269,7 @@ function parseHeader(value) {
 
 async function fatal(shape, code) {
   // an invocation running: its error, then exit (the sandbox is replaced); else init failed
-  logError("Uncaught Exception ", shape);
+  logError("Uncaught Exception", shape);
   try {
     if (current && !current.answered) {
       current.answered = true;
