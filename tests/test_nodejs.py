@@ -155,7 +155,9 @@ def test_commonjs_async_handler_context_and_environment(srv, lam) -> None:
     assert env["LAMBDA_TASK_ROOT"] == task
     assert env["NODE_PATH"].split(":")[:2] == ["/opt/nodejs/node20/node_modules", "/opt/nodejs/node_modules"]
     assert env["NODE_PATH"].split(":")[-1] == task
-    assert env["LAMBDA_RUNTIME_DIR"].endswith("/runtimes/node")
+    runtime_dir = "/var/runtime" if srv.mode != "none" else env["LAMBDA_RUNTIME_DIR"]
+    assert env["LAMBDA_RUNTIME_DIR"] == runtime_dir and runtime_dir.endswith(("/var/runtime", "/runtimes/node"))
+    assert f"{runtime_dir}:{task}" in env["NODE_PATH"]
     _common_environment(env, out["tz"], task)
     assert "node says hi 1" in tail(resp)
 

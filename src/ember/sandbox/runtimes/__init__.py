@@ -3,8 +3,8 @@
 
 nodejs18.x, nodejs20.x and nodejs22.x all run on the host's `node` (`EMBER_NODE`, else the first `node` on
 PATH): ember does not install Node versions. Whichever major version that is, a function gets the
-AWS_EXECUTION_ENV of the runtime it asked for. The client's directory is bound read-only into every
-sandbox (ember.sandbox.jail), at its own path, like the Python interpreter.
+AWS_EXECUTION_ENV of the runtime it asked for. In a sandbox the client's directory is bound read-only at
+/var/runtime (ember.sandbox.jail), Lambda's LAMBDA_RUNTIME_DIR, and nothing else of ember's is visible.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ NODE_RUNTIMES = ("nodejs18.x", "nodejs20.x", "nodejs22.x")
 # the directory of index.mjs (a real directory: ember is installed from source or a wheel, not a zip)
 NODE_CLIENT_DIR = os.path.realpath(str(resources.files("ember.sandbox.runtimes").joinpath("node")))
 NODE_CLIENT = os.path.join(NODE_CLIENT_DIR, "index.mjs")
+IN_SANDBOX = "/var/runtime"  # where a sandbox sees NODE_CLIENT_DIR
 
 
 @functools.cache
@@ -45,13 +46,12 @@ def node_path(runtime: str, task_root: str) -> str:
     )  # fmt: skip
 
 
-def sandbox_dirs() -> set[str]:
-    """What a sandbox must see of these runtimes besides /usr, /bin and /lib*: the client's directory, and
-    the prefix of a node installed elsewhere (e.g. ~/.nvm/versions/node/vX: its bin/node and lib/)."""
-    dirs = {NODE_CLIENT_DIR}
+def node_prefix_outside_usr() -> set[str]:
+    """The prefix of a node installed outside /usr, /bin and /lib* (e.g. ~/.nvm/versions/node/vX: its
+    bin/node and lib/), which a sandbox must see at its own path; none for a system node."""
     node = node_binary()
     if os.path.isabs(node) and os.path.exists(node):
         top = node.split("/")[1]
         if top not in ("usr", "bin", "sbin", "lib", "lib32", "lib64", "libx32"):
-            dirs.add(os.path.dirname(os.path.dirname(node)))
-    return dirs
+            return {os.path.dirname(os.path.dirname(node))}
+    return set()
