@@ -452,3 +452,45 @@ def test_serve_refuses_a_bad_credentials_file(tmp_path: Path) -> None:
         capture_output=True, text=True, timeout=60,
     )  # fmt: skip
     assert done.returncode == 2 and "--role-credentials" in done.stderr and "not JSON" in done.stderr
+
+
+# ------------------------------------------------------------------ Powertools for AWS Lambda (Python)
+
+POWERTOOLS = """
+import os
+from aws_lambda_powertools import Logger, Metrics, Tracer
+from aws_lambda_powertools.metrics import MetricUnit
+
+logger = Logger()
+metrics = Metrics(namespace="EmberTest")
+tracer = Tracer()
+
+@logger.inject_lambda_context(log_event=False)
+@metrics.log_metrics(capture_cold_start_metric=True)
+@tracer.capture_lambda_handler
+def handler(event, context):
+    logger.info("powertools says hi", extra={"n": event["n"]})
+    metrics.add_metric(name="Greetings", unit=MetricUnit.Count, value=1)
+    return {"region": os.environ["AWS_REGION"], "trace": os.environ.get("_X_AMZN_TRACE_ID")}
+"""
+
+
+def test_a_powertools_function_runs_unchanged(lam) -> None:
+    """Logger (JSON lines with the Lambda context), Metrics (EMF on stdout), Tracer (disabled, as
+    outside X-Ray). The packages come from ember's Python environment (the test extras), not the zip."""
+    pytest.importorskip("aws_lambda_powertools")
+    pytest.importorskip("aws_xray_sdk")
+    env = {"POWERTOOLS_SERVICE_NAME": "greeter", "POWERTOOLS_TRACE_DISABLED": "true"}
+    name = deploy(lam, {"app.py": POWERTOOLS}, "app.handler", runtime="python3.12", Environment={"Variables": env})
+    resp = ok(lam, name, {"n": 3})
+    assert payload(resp)["region"] == "us-east-1"
+    docs = [json.loads(ln) for ln in tail(resp).split("\n") if ln.startswith("{")]
+    log = next(d for d in docs if d.get("message") == "powertools says hi")
+    assert log["service"] == "greeter" and log["n"] == 3 and log["level"] == "INFO"
+    assert log["function_name"] == name and log["function_request_id"] == resp["ResponseMetadata"]["RequestId"]
+    assert log["cold_start"] is True and log["function_memory_size"] == "128"
+    assert log["xray_trace_id"].startswith("1-")
+    emf = [d for d in docs if "_aws" in d]
+    greetings = next(d for d in emf if "Greetings" in d)
+    assert greetings["_aws"]["CloudWatchMetrics"][0]["Namespace"] == "EmberTest" and greetings["Greetings"] == [1.0]
+    assert any("ColdStart" in d and d.get("function_name") == name for d in emf)
