@@ -1,8 +1,8 @@
 """Node.js runtimes (nodejs18.x, 20.x, 22.x on the host's node, through ember's own runtime client) and the
 environment real code reads (for Python too), against the real `ember serve`, unisolated and isolated
-(bubblewrap): handler resolution (CommonJS, ESM, .js/.mjs/.cjs, nested paths), async and callback handlers,
-context.done/succeed/fail, the context object, errors and init errors in Lambda's shape, timeouts,
-console output in the function logs and the log tail, role credentials."""
+(bubblewrap, and unshare(1)): handler resolution (CommonJS, ESM, .js/.mjs/.cjs, nested paths), async and
+callback handlers, context.done/succeed/fail, the context object, errors and init errors in Lambda's shape,
+timeouts, console output in the function logs and the log tail, role credentials, Powertools."""
 
 from __future__ import annotations
 
@@ -22,19 +22,14 @@ from conftest import EMBER, ROLE, EmberServer, make_zip, wait_for
 from ember.api.credentials import RoleCredentials, RoleCredentialsError, load_role_credentials
 
 NODE = shutil.which("node")
-CAN_ISOLATE = os.geteuid() == 0 and bool(shutil.which("bwrap"))
+CAN_ISOLATE = os.geteuid() == 0 and all(shutil.which(b) for b in ("bwrap", "unshare", "setpriv"))
 pytestmark = pytest.mark.skipif(
     NODE is None and os.environ.get("CI") != "true", reason="needs node (scripts/install-deps.sh installs it)"
 )
-MODES = [
-    "none",
-    pytest.param(
-        "bwrap",
-        marks=pytest.mark.skipif(
-            not CAN_ISOLATE and os.environ.get("CI") != "true", reason="needs root and bubblewrap (CI has them)"
-        ),
-    ),
-]
+_ISOLATED = pytest.mark.skipif(
+    not CAN_ISOLATE and os.environ.get("CI") != "true", reason="needs root, bubblewrap and util-linux (CI has them)"
+)
+MODES = ["none", pytest.param("bwrap", marks=_ISOLATED), pytest.param("unshare", marks=_ISOLATED)]
 OTHER_ROLE = "arn:aws:iam::000000000000:role/not-in-the-file"
 ROLE_KEYS = {"AccessKeyId": "AKIAROLEFILE", "SecretAccessKey": "role-secret", "SessionToken": "role-token"}
 OWN_KEYS = {"AWS_ACCESS_KEY_ID": "AKIAEMBEROWN", "AWS_SECRET_ACCESS_KEY": "own-secret", "AWS_SESSION_TOKEN": "own-tok"}

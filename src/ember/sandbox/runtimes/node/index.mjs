@@ -28,7 +28,17 @@ const agent = new http.Agent({ keepAlive: true, maxSockets: 1 });
 
 // ------------------------------------------------------------------ the Runtime API
 
-function call(method, urlPath, body, headers) {
+async function call(method, urlPath, body, headers) {
+  try {
+    return await request(method, urlPath, body, headers);
+  } catch (err) {
+    // the kept-alive connection was closed by ember while idle (a long invocation): once more, anew
+    if (!err.reusedSocket || (err.code !== "ECONNRESET" && err.code !== "EPIPE")) throw err;
+    return request(method, urlPath, body, headers);
+  }
+}
+
+function request(method, urlPath, body, headers) {
   return new Promise((resolve, reject) => {
     const req = http.request(
       { agent, host: API_HOST, port: API_PORT, method, path: BASE + urlPath, headers, noDelay: true },
@@ -39,7 +49,10 @@ function call(method, urlPath, body, headers) {
         res.on("error", reject);
       },
     );
-    req.on("error", reject);
+    req.on("error", (err) => {
+      err.reusedSocket = req.reusedSocket;
+      reject(err);
+    });
     req.end(body);
   });
 }
