@@ -225,13 +225,14 @@ def test_a_changed_credentials_file_reaches_new_sandboxes(srv, lam) -> None:
         ({"app.cjs": "module.exports.handler = async (e) => ({cjs: true, e});"}, "app.handler"),
         ({"src/lambda/fn.js": "exports.go = async (e) => ({nested: true, e});"}, "src/lambda/fn.go"),
         ({"lib/deep.mjs": "export const api = {v1: {get: async (e) => ({deep: true, e})}};"}, "lib/deep.api.v1.get"),
+        ({"lib/index.js": "exports.handler = async (e) => ({nested: true, e});"}, "lib.handler"),
         (
             {"app.js": "exports.handler = async (e) => require('helper').twice(e.n);",
              "node_modules/helper/index.js": "exports.twice = (n) => ({twice: 2 * n});"},
             "app.handler",
         ),
     ],
-    ids=["mjs", "js-type-module", "cjs", "nested-path", "nested-export", "node_modules"],
+    ids=["mjs", "js-type-module", "cjs", "nested-path", "nested-export", "directory-index", "node_modules"],
 )
 def test_handler_resolution(lam, files: dict[str, str], handler: str) -> None:
     name = deploy(lam, files, handler)

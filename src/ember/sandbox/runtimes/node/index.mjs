@@ -137,7 +137,7 @@ async function loadHandler() {
 
 async function loadModule(dir, name, taskRoot) {
   const stem = path.join(dir, name);
-  if (isFile(stem)) return require(stem); // an extensionless file, as Node's require takes it
+  if (fs.existsSync(stem)) return require(stem); // extensionless: a file, or a directory (its main or index.js)
   const esm = typeModule(dir);
   if (isFile(`${stem}.js`)) return esm ? import(pathToFileURL(`${stem}.js`).href) : requireOrImport(`${stem}.js`);
   if (isFile(`${stem}.mjs`)) return import(pathToFileURL(`${stem}.mjs`).href);
