@@ -570,11 +570,14 @@ async def bench(opts: argparse.Namespace, tmp: Path, result: Json) -> None:
         log(f"relay: {relay_url} ({opts.runtimes} runtimes)")
 
         conns = [1, opts.runtimes]
-        log(f"load: {opts.repeats} x {conns} x (relay, ember), {opts.warmup:g} s warm-up + {opts.duration:g} s each")
         pids = {c.name: c.proc.pid if c.proc else None for c in children}
         targets = {"relay": (relay_url, pids["relay"], FUNCTION), "ember": (ember_url, pids["ember"], FUNCTION)}
         if not opts.no_deploy and not opts.skip_node:
             targets["node"] = (ember_url, pids["ember"], NODE_FUNCTION)  # issue 14: beside python, same run
+        log(
+            f"load: {opts.repeats} x {conns} x ({', '.join(targets)}), {opts.warmup:g} s warm-up + "
+            f"{opts.duration:g} s each"
+        )
         runs = await load_matrix(targets, conns, opts)
         summary = summarize(runs)
         # Key the summary as c1/c16 regardless of --runtimes so the bars read the same.
