@@ -36,6 +36,9 @@ import boto3
 from botocore.config import Config
 
 NOOP_DIR = Path(__file__).with_name("noop")
+NODE_NOOP_DIR = Path(__file__).with_name("noop-node")
+# runtime -> (code dir, handler) of the no-op function
+NOOPS = {"python3.12": (NOOP_DIR, "app.handler"), "nodejs20.x": (NODE_NOOP_DIR, "index.handler")}
 ROLE = "arn:aws:iam::000000000000:role/x"
 
 
@@ -61,7 +64,7 @@ def code_zip(src: Path = NOOP_DIR) -> bytes:
     """Zip a function's code dir in memory (the noop function by default)."""
     buf = io.BytesIO()
     with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as zf:
-        for path in sorted(src.rglob("*.py")):
+        for path in sorted(p for p in src.rglob("*") if p.suffix in (".py", ".mjs", ".js")):
             zf.write(path, path.relative_to(src).as_posix())
     return buf.getvalue()
 
@@ -81,14 +84,22 @@ def wait_ready(client: Any, name: str, timeout: float = 60.0) -> None:
         time.sleep(0.05)
 
 
-def create_noop(client: Any, name: str, zipped: bytes | None = None, env: dict[str, str] | None = None) -> None:
-    """CreateFunction for the noop code (python3.12, app.handler) and wait until it is invocable."""
+def create_noop(
+    client: Any,
+    name: str,
+    zipped: bytes | None = None,
+    env: dict[str, str] | None = None,
+    runtime: str = "python3.12",
+) -> None:
+    """CreateFunction for the noop code of `runtime` (python3.12: app.handler, nodejs20.x: index.handler)
+    and wait until it is invocable."""
+    src, handler = NOOPS[runtime]
     client.create_function(
         FunctionName=name,
-        Runtime="python3.12",
-        Handler="app.handler",
+        Runtime=runtime,
+        Handler=handler,
         Role=ROLE,
-        Code={"ZipFile": zipped if zipped is not None else code_zip()},
+        Code={"ZipFile": zipped if zipped is not None else code_zip(src)},
         Timeout=30,
         MemorySize=128,
         Environment={"Variables": env or {}},
@@ -141,17 +152,17 @@ def _summary(method: str, samples: list[float], warm: list[float], inits: list[f
     }
 
 
-def measure_create(endpoint: str, n: int = 40) -> dict[str, Any]:
+def measure_create(endpoint: str, n: int = 40, runtime: str = "python3.12") -> dict[str, Any]:
     """First invoke of n freshly created functions (one at a time, each deleted afterwards)."""
     client = lambda_client(endpoint)
-    zipped = code_zip()
+    zipped = code_zip(NOOPS[runtime][0])
     run = uuid.uuid4().hex[:8]
     samples: list[float] = []
     warm: list[float] = []
     inits: list[float | None] = []
     for i in range(n):
         name = f"cold-{run}-{i}"
-        create_noop(client, name, zipped)
+        create_noop(client, name, zipped, runtime=runtime)
         try:
             ms, log = timed_invoke(client, name, tail=True)
             samples.append(ms)
@@ -159,7 +170,9 @@ def measure_create(endpoint: str, n: int = 40) -> dict[str, Any]:
             warm.append(timed_invoke(client, name)[0])
         finally:
             client.delete_function(FunctionName=name)
-    return _summary("create", samples, warm, inits)
+    out = _summary("create", samples, warm, inits)
+    out["runtime"] = runtime
+    return out
 
 
 def measure_update(endpoint: str, n: int = 40) -> dict[str, Any]:
@@ -189,10 +202,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("endpoint", help="ember base URL, e.g. http://127.0.0.1:9000")
     p.add_argument("-n", type=int, default=40)
     p.add_argument("--method", choices=("create", "update"), default="create")
+    p.add_argument("--runtime", choices=tuple(NOOPS), default="python3.12", help="the no-op's runtime (create)")
     args = p.parse_args(argv)
     os.environ.setdefault("AWS_EC2_METADATA_DISABLED", "true")
-    fn = measure_create if args.method == "create" else measure_update
-    print(json.dumps(fn(args.endpoint, args.n), indent=2))
+    if args.method == "create":
+        print(json.dumps(measure_create(args.endpoint, args.n, args.runtime), indent=2))
+    else:
+        print(json.dumps(measure_update(args.endpoint, args.n), indent=2))
 
 
 if __name__ == "__main__":

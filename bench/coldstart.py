@@ -6,8 +6,10 @@ first invoke of N freshly created functions, end to end through boto3 (bench/col
     bwrap+pool-burst  the same, cold starts back to back (faster than a pool of 2 refills)
     bwrap             --isolation bwrap --pool 0   (a new sandbox + interpreter per cold start)
     none              --isolation none  --pool 0   (a plain process: the old behaviour)
+    node-bwrap        --isolation bwrap --pool 2   a no-op nodejs20.x function (no pool: a new node per cold start)
+    node-none         --isolation none  --pool 0   the same, unisolated
 
-Bar (issue 4): with isolation on, p50 <= 15 ms and p99 <= 50 ms. `--pace` (default 0.25 s) waits
+Bars: isolated python p50 <= 15 ms, p99 <= 50 ms (issue 4); node p50 <= 150 ms (issue 14). `--pace` (0.25 s) waits
 before each timed invoke, so the pool is always full; the burst row issues cold starts back to back,
 faster than a pool of 2 is refilled: each refill is a new bwrap sandbox into which the zygote forks a
 pre-imported runtime (ember.sandbox.zygote, ~10-25 ms of wall time, mostly waiting), and a cold start that finds
@@ -43,26 +45,30 @@ MODES: dict[str, list[str]] = {
     "bwrap+pool-burst": ["--isolation", "bwrap", "--pool", "2"],  # back to back: drains the pool
     "bwrap": ["--isolation", "bwrap", "--pool", "0"],
     "none": ["--isolation", "none", "--pool", "0"],
+    "node-bwrap": ["--isolation", "bwrap", "--pool", "2"],
+    "node-none": ["--isolation", "none", "--pool", "0"],
 }
+NODE_MODES = {"node-bwrap", "node-none"}  # the no-op is nodejs20.x
 BURST = {"bwrap+pool-burst"}  # measured with no pause between cold starts, whatever --pace says
 BAR_P50_MS, BAR_P99_MS = 15.0, 50.0
+NODE_BAR_P50_MS = 150.0
 
 
-def measure(endpoint: str, n: int = 40, pace_s: float = 0.0) -> dict[str, Any]:
+def measure(endpoint: str, n: int = 40, pace_s: float = 0.0, runtime: str = "python3.12") -> dict[str, Any]:
     """First invoke of `n` new no-op functions on a running ember: p50/p99 and the rest (bench/cold.py's
     summary). `pace_s`: a pause before each timed invoke, so the pool's background refill always keeps
     up; 0 measures back-to-back cold starts, which drain it."""
     if pace_s <= 0:
-        return cold.measure_create(endpoint, n)
+        return cold.measure_create(endpoint, n, runtime)
     client = cold.lambda_client(endpoint)
-    zipped = cold.code_zip()
+    zipped = cold.code_zip(cold.NOOPS[runtime][0])
     run = uuid.uuid4().hex[:8]
     samples: list[float] = []
     warm: list[float] = []
     inits: list[float | None] = []
     for i in range(n):
         name = f"cold-{run}-{i}"
-        cold.create_noop(client, name, zipped)
+        cold.create_noop(client, name, zipped, runtime=runtime)
         try:
             time.sleep(pace_s)
             ms, log = cold.timed_invoke(client, name, tail=True)
@@ -71,7 +77,9 @@ def measure(endpoint: str, n: int = 40, pace_s: float = 0.0) -> dict[str, Any]:
             warm.append(cold.timed_invoke(client, name)[0])
         finally:
             client.delete_function(FunctionName=name)
-    return cold._summary("create", samples, warm, inits)
+    out = cold._summary("create", samples, warm, inits)
+    out["runtime"] = runtime
+    return out
 
 
 def serve(data_dir: Path, extra: list[str]) -> tuple[subprocess.Popen[str], str]:
@@ -100,7 +108,8 @@ def run(n: int, modes: list[str], pace_s: float = 0.0) -> dict[str, Any]:
             proc, url = serve(data, MODES[mode])
             try:
                 time.sleep(1.0)  # the pool fills (and the server settles) before the first sample
-                out[mode] = measure(url, n, 0.0 if mode in BURST else pace_s)
+                runtime = "nodejs20.x" if mode in NODE_MODES else "python3.12"
+                out[mode] = measure(url, n, 0.0 if mode in BURST else pace_s, runtime)
                 out[mode]["pace_s"] = 0.0 if mode in BURST else pace_s
             except Exception as exc:  # one broken mode must not cost the others' figures
                 out[mode] = {"error": f"{type(exc).__name__}: {exc}"}
@@ -120,6 +129,8 @@ def table(result: dict[str, Any]) -> str:
         if mode == "bwrap+pool":  # the bar is for the configuration ember runs by default
             ok = r["p50_ms"] <= BAR_P50_MS and r["p99_ms"] <= BAR_P99_MS
             bar = f"{'PASS' if ok else 'FAIL'} (p50 <= {BAR_P50_MS:.0f}, p99 <= {BAR_P99_MS:.0f})"
+        elif mode == "node-bwrap":
+            bar = f"{'PASS' if r['p50_ms'] <= NODE_BAR_P50_MS else 'FAIL'} (p50 <= {NODE_BAR_P50_MS:.0f})"
         rows.append(
             f"{mode:<17} {r['n']:>3} {r['p50_ms']:>8.1f} {r['p90_ms']:>8.1f} {r['p99_ms']:>8.1f} "
             f"{r['init_duration_ms_p50'] or 0:>9.1f} {r['warm_invoke_ms_p50'] or 0:>9.1f}  {bar}"

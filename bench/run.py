@@ -42,6 +42,7 @@ from load import WrkResult, run_wrk
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 FUNCTION = "noop"
+NODE_FUNCTION = "noop-node"  # the same no-op in nodejs20.x, on the same ember (target "node")
 Json = dict[str, Any]
 
 
@@ -99,18 +100,20 @@ def ember_bin() -> str:
 # --- ember deploy ----------------------------------------------------------------------------------
 
 
-def deploy_and_warm(url: str, concurrency: int, rounds: int = 3) -> Json:
+def deploy_and_warm(
+    url: str, concurrency: int, rounds: int = 3, name: str = FUNCTION, runtime: str = "python3.12"
+) -> Json:
     """Create the noop function and invoke it `concurrency`-wide a few times so that many warm
     sandboxes exist before wrk starts (the first round is all cold starts)."""
     client = cold.lambda_client(url, pool=concurrency * 2)
     t0 = time.perf_counter()
-    cold.create_noop(client, FUNCTION)
+    cold.create_noop(client, name, runtime=runtime)
     created_ms = (time.perf_counter() - t0) * 1000
     round_ms: list[float] = []
     with ThreadPoolExecutor(concurrency) as pool:
         for _ in range(rounds):
             t0 = time.perf_counter()
-            list(pool.map(lambda _i: cold.timed_invoke(client, FUNCTION)[0], range(concurrency)))
+            list(pool.map(lambda _i: cold.timed_invoke(client, name)[0], range(concurrency)))
             round_ms.append(round((time.perf_counter() - t0) * 1000, 1))
     return {"create_ms": round(created_ms, 1), "warm_round_ms": round_ms}
 
@@ -143,7 +146,7 @@ def _cpu_figures(a: tuple[float, ...], b: tuple[float, ...], r: WrkResult) -> Js
 
 
 async def load_matrix(
-    targets: dict[str, tuple[str, int | None]], conns: list[int], opts: argparse.Namespace
+    targets: dict[str, tuple[str, int | None, str]], conns: list[int], opts: argparse.Namespace
 ) -> list[Json]:
     """Interleaved wrk runs; each measured run follows its own short warm-up against the same target.
 
@@ -156,11 +159,11 @@ async def load_matrix(
         order = names if rep % 2 == 0 else names[::-1]
         for c in conns:
             for target in order:
-                url, pid = targets[target]
+                url, pid, function = targets[target]
                 if opts.warmup > 0:
-                    await run_wrk(url, c, opts.warmup, FUNCTION, opts.timeout)
+                    await run_wrk(url, c, opts.warmup, function, opts.timeout)
                 cpu0 = _cpu_sample(pid)
-                r = await run_wrk(url, c, opts.duration, FUNCTION, opts.timeout)
+                r = await run_wrk(url, c, opts.duration, function, opts.timeout)
                 run: Json = {
                     "target": target,
                     "rep": rep,
@@ -289,6 +292,28 @@ def isolation_bars(cold_isolation: Json | None) -> list[Json]:
     return out
 
 
+def node_bars(summary: dict[str, dict[str, Json]], cold_isolation: Json | None) -> list[Json]:
+    """Issue 14's Node.js bars: a no-op's cold start isolated, and its warm c1 p99 beside python's, same run."""
+    out: list[Json] = []
+    r = (cold_isolation or {}).get("node-bwrap") or {}
+    name = "node cold start p50 <= 150 ms (isolated, bwrap)"
+    if "p50_ms" in r:
+        out.append({"bar": name, "value": f"p50 {r['p50_ms']:.1f} / p99 {r['p99_ms']:.1f} ms",
+                    "result": "PASS" if r["p50_ms"] <= 150 else "FAIL"})  # fmt: skip
+    else:
+        out.append({"bar": name, "value": "-", "result": "SKIP"})
+    py, node = summary.get("ember", {}).get("c1"), summary.get("node", {}).get("c1")
+    name = "node warm c1 p99 <= python's + 1 ms"
+    if py and node:
+        delta = node["p99_ms"] - py["p99_ms"]
+        clean = py["ok"] and node["ok"]
+        value = f"{node['p99_ms']:.3f} vs {py['p99_ms']:.3f} ms ({delta:+.3f})" + ("" if clean else " (errors)")
+        out.append({"bar": name, "value": value, "result": "PASS" if clean and delta <= 1.0 else "FAIL"})
+    else:
+        out.append({"bar": name, "value": "-", "result": "SKIP"})
+    return out
+
+
 def cluster_bars(cluster: Json | None) -> list[Json]:
     """Issue 8's cluster bar (bench/cluster_bench.py); SKIP when not measured (--skip-cluster)."""
     import cluster_bench
@@ -403,6 +428,15 @@ def render(result: Json) -> None:
         rows.append((f"{c} errors", *errs, "" if errs == ("0", "0") else "FLAGGED"))
     cold_res = result.get("cold") or {}
     extra: list[tuple[str, str]] = []
+    for c, cell in s.get("node", {}).items():
+        py = e.get(c, {})
+        extra.append(
+            (
+                f"node {c} (python beside it)",
+                f"{_rps(cell)} req/s ({_rps(py)}), p50 {cell['p50_ms']:.3f} ({py.get('p50_ms', 0):.3f}), "
+                f"p99 {cell['p99_ms']:.3f} ({py.get('p99_ms', 0):.3f}) ms, errors {cell['error_count']}",
+            )
+        )
     if "p50_ms" in cold_res:
         extra.append(
             (
@@ -511,6 +545,11 @@ async def bench(opts: argparse.Namespace, tmp: Path, result: Json) -> None:
         if not opts.no_deploy:
             result["deploy"] = await asyncio.to_thread(deploy_and_warm, ember_url, opts.runtimes)
             log(f"ember: deployed and warmed {FUNCTION}: {result['deploy']}")
+            if not opts.skip_node:
+                result["deploy_node"] = await asyncio.to_thread(
+                    deploy_and_warm, ember_url, opts.runtimes, 3, NODE_FUNCTION, "nodejs20.x"
+                )
+                log(f"ember: deployed and warmed {NODE_FUNCTION}: {result['deploy_node']}")
 
         relay_url = await relay.start(
             [
@@ -531,9 +570,14 @@ async def bench(opts: argparse.Namespace, tmp: Path, result: Json) -> None:
         log(f"relay: {relay_url} ({opts.runtimes} runtimes)")
 
         conns = [1, opts.runtimes]
-        log(f"load: {opts.repeats} x {conns} x (relay, ember), {opts.warmup:g} s warm-up + {opts.duration:g} s each")
         pids = {c.name: c.proc.pid if c.proc else None for c in children}
-        targets = {"relay": (relay_url, pids["relay"]), "ember": (ember_url, pids["ember"])}
+        targets = {"relay": (relay_url, pids["relay"], FUNCTION), "ember": (ember_url, pids["ember"], FUNCTION)}
+        if not opts.no_deploy and not opts.skip_node:
+            targets["node"] = (ember_url, pids["ember"], NODE_FUNCTION)  # issue 14: beside python, same run
+        log(
+            f"load: {opts.repeats} x {conns} x ({', '.join(targets)}), {opts.warmup:g} s warm-up + "
+            f"{opts.duration:g} s each"
+        )
         runs = await load_matrix(targets, conns, opts)
         summary = summarize(runs)
         # Key the summary as c1/c16 regardless of --runtimes so the bars read the same.
@@ -585,6 +629,8 @@ async def bench(opts: argparse.Namespace, tmp: Path, result: Json) -> None:
         import coldstart
 
         modes = ["bwrap+pool", "bwrap+pool-burst", "bwrap", "none"]
+        if not opts.skip_node:
+            modes += ["node-bwrap", "node-none"]
         n = max(10, opts.cold_n // 2)
         log(f"cold starts by isolation mode: {modes}, {n} each ...")
         result["cold_isolation"] = await asyncio.to_thread(coldstart.run, n, modes, 0.25)
@@ -631,6 +677,7 @@ async def amain(opts: argparse.Namespace) -> int:
             result["bars"] = bars(
                 result["load"]["summary"], result.get("cold"), result.get("core"), result.get("async")
             ) + isolation_bars(result.get("cold_isolation")) + cluster_bars(result.get("cluster"))
+            result["bars"] += node_bars(result["load"]["summary"], result.get("cold_isolation"))
             out = Path(opts.out)
             out.parent.mkdir(parents=True, exist_ok=True)
             out.write_text(json.dumps(result, indent=2) + "\n")
@@ -660,6 +707,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--core-pairs", type=int, default=None, help="pairs per core_bench run (default 1,000,000)")
     p.add_argument("--skip-core", action="store_true")
     p.add_argument("--skip-cluster", action="store_true", help="skip the cluster-vs-single bench (issue 8)")
+    p.add_argument("--skip-node", action="store_true", help="skip the Node.js figures (issue 14)")
     p.add_argument("--ember-url", help="use an already running endpoint instead of starting ember")
     p.add_argument("--no-deploy", action="store_true", help="skip CreateFunction/warm-up and cold starts")
     p.add_argument("--start-timeout", type=float, default=60.0)

@@ -135,7 +135,7 @@ def test_create_errors(lam) -> None:
     with pytest.raises(lam.exceptions.ResourceConflictException):
         create(lam, "dup", HELLO)
     with pytest.raises(lam.exceptions.InvalidParameterValueException) as exc:
-        create(lam, "badrt", HELLO, Runtime="nodejs20.x")
+        create(lam, "badrt", HELLO, Runtime="java21")
     assert "runtime" in str(exc.value)
     with pytest.raises(lam.exceptions.InvalidParameterValueException):
         create(lam, "badmem", HELLO, MemorySize=100000)

@@ -24,4 +24,6 @@ class ServeOptions:
     isolation: str = "auto"  # auto | bwrap | none (ember.sandbox.isolation)
     pool: int = 2  # pre-started python runtimes (ember.sandbox.pool); 0: none
     ephemeral_storage_mb: int = 512  # each sandbox's /tmp
+    role_credentials: Path | None = None  # a JSON file: role ARN -> credentials (ember.api.credentials)
+    pass_credentials: bool = False  # roles the file does not map get ember's own AWS_* credentials
     debug_verify: bool = False  # check the core's invariants after every transition (slow; for debugging)

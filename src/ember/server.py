@@ -80,7 +80,7 @@ async def serve(opts: ServeOptions, stop: asyncio.Event | None = None) -> None:
         keep_alive=policy_from_name(opts.keep_alive),
         verify_each_step=opts.debug_verify,
     )
-    settings = Settings(region=opts.region, endpoint=f"http://{opts.host}:{opts.port}")
+    settings = Settings.of(opts)
     control = ControlPlane(store, settings, account_limit=opts.account_concurrency)
     isolation = await boot.isolation()
     logs = LogStore(opts.data_dir / "logs", lambda: list(control.functions))

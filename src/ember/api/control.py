@@ -17,15 +17,19 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Protocol
 
+from ember.api.credentials import RoleCredentials
 from ember.api.errors import LambdaError, conflict, invalid, not_found
 from ember.core.assignment import reservation_error
 from ember.core.eventqueue import DEFAULT_MAX_AGE_S, DEFAULT_MAX_RETRIES, RetryPolicy
+from ember.options import ServeOptions
+from ember.sandbox import runtimes
 from ember.sandbox.process import LaunchSpec
 from ember.store import FunctionRecord, Store, now_iso
 
 PYTHON_RUNTIMES = ("python3.9", "python3.10", "python3.11", "python3.12", "python3.13")
+NODE_RUNTIMES = runtimes.NODE_RUNTIMES
 PROVIDED_RUNTIMES = ("provided", "provided.al2", "provided.al2023")
-RUNTIMES = PYTHON_RUNTIMES + PROVIDED_RUNTIMES
+RUNTIMES = PYTHON_RUNTIMES + NODE_RUNTIMES + PROVIDED_RUNTIMES
 RESERVED_ENV = frozenset(
     {
         "_HANDLER", "_X_AMZN_TRACE_ID", "AWS_DEFAULT_REGION", "AWS_REGION", "AWS_EXECUTION_ENV",
@@ -45,6 +49,15 @@ class Settings:
     region: str = "us-east-1"
     account_id: str = "000000000000"
     endpoint: str = "http://127.0.0.1:9000"
+    role_credentials: RoleCredentials | None = None  # what a function's role gets (ember.api.credentials)
+
+    @classmethod
+    def of(cls, opts: ServeOptions) -> Settings:
+        """The settings `ember serve` (or a cluster role) was given."""
+        creds = None
+        if opts.role_credentials is not None or opts.pass_credentials:
+            creds = RoleCredentials(opts.role_credentials, opts.pass_credentials)
+        return cls(region=opts.region, endpoint=f"http://{opts.host}:{opts.port}", role_credentials=creds)
 
 
 class FunctionListener(Protocol):
@@ -331,12 +344,15 @@ class ControlPlane:
         code_dir = str(self.store.code_path(rec.code_sha256))
         runtime = c["Runtime"]
         region = self.settings.region
+        runtime_dir = runtimes.NODE_CLIENT_DIR if runtime in NODE_RUNTIMES else sys.prefix
+        # as Lambda sets them (its /var/lang and /var/runtime are ember's runtime dir; /opt is for layers)
         env = {
-            "PATH": "/usr/local/bin:/usr/bin:/bin",
+            "PATH": "/usr/local/bin:/usr/bin:/bin:/opt/bin",
+            "LD_LIBRARY_PATH": f"/lib64:/usr/lib64:{runtime_dir}:{runtime_dir}/lib:{code_dir}:{code_dir}/lib:/opt/lib",
             "LANG": "en_US.UTF-8",
             "TZ": ":UTC",
             "LAMBDA_TASK_ROOT": code_dir,
-            "LAMBDA_RUNTIME_DIR": sys.prefix,
+            "LAMBDA_RUNTIME_DIR": runtime_dir,
             "_HANDLER": c.get("Handler", ""),
             "AWS_REGION": region,
             "AWS_DEFAULT_REGION": region,
@@ -348,9 +364,14 @@ class ControlPlane:
             "AWS_LAMBDA_LOG_STREAM_NAME": _log_stream(rec.revision_id, sandbox_id),
             "AWS_LAMBDA_INITIALIZATION_TYPE": "on-demand",
         }
+        if self.settings.role_credentials is not None:
+            env.update(self.settings.role_credentials.for_role(c["Role"]))
         if runtime in PYTHON_RUNTIMES:
             env["PYTHONPATH"] = code_dir
             argv = [sys.executable, "-m", "awslambdaric", c["Handler"]]
+        elif runtime in NODE_RUNTIMES:
+            env["NODE_PATH"] = runtimes.node_path(runtime, code_dir)
+            argv = runtimes.node_argv(int(c["MemorySize"]))
         else:
             argv = [f"{code_dir}/bootstrap"]
         env.update(c.get("Environment") or {})
@@ -486,8 +507,8 @@ class ControlPlane:
                 config["DeadLetterConfig"] = {"TargetArn": target}
             else:
                 config.pop("DeadLetterConfig", None)
-        if config.get("Runtime") in PYTHON_RUNTIMES and not config.get("Handler"):
-            raise invalid("Handler is required for a Python runtime")
+        if config.get("Runtime") in PYTHON_RUNTIMES + NODE_RUNTIMES and not config.get("Handler"):
+            raise invalid(f"Handler is required for the {config['Runtime']} runtime")
 
 
 def _log_stream(revision_id: str, sandbox_id: int) -> str:

@@ -54,6 +54,19 @@ def serve(
     node_id: str = typer.Option("", "--node-id", help="Cluster roles: this process's id (default: generated)."),
     partitions: int = typer.Option(4, "--partitions", min=1, help="Cluster: partitions (fixed by the first process)."),
     lease_ttl: float = typer.Option(2.0, "--lease-ttl", min=0.5, help="Cluster: etcd session TTL in seconds."),
+    role_credentials: Annotated[
+        Path | None,
+        typer.Option(
+            "--role-credentials",
+            help="A JSON file mapping role ARNs (or \"*\") to the credentials functions with that role get.",
+        ),
+    ] = None,
+    pass_credentials: Annotated[
+        bool,
+        typer.Option(
+            "--pass-credentials", help="Functions whose role the file does not map get ember's own AWS_* credentials."
+        ),
+    ] = False,
     debug_verify: bool = typer.Option(
         False, "--debug-verify", help="Check the core's invariants after every transition (slow; for debugging)."
     ),
@@ -73,6 +86,14 @@ def serve(
         try:
             credentials = load_credentials(auth_file)
         except CredentialsError as exc:
+            typer.echo(f"ember: {exc}", err=True)
+            raise typer.Exit(2) from None
+    if role_credentials is not None:
+        from ember.api.credentials import RoleCredentialsError, load_role_credentials
+
+        try:
+            load_role_credentials(role_credentials)
+        except RoleCredentialsError as exc:
             typer.echo(f"ember: {exc}", err=True)
             raise typer.Exit(2) from None
     refusal = bind_refusal(host, credentials is not None, insecure)
@@ -101,6 +122,8 @@ def serve(
         isolation=isolation,
         pool=pool,
         ephemeral_storage_mb=ephemeral_storage,
+        role_credentials=role_credentials,
+        pass_credentials=pass_credentials,
         debug_verify=debug_verify,
     )
     if role == "all":

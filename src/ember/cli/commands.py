@@ -106,7 +106,7 @@ def _upload(client: Client, operation: str, size: int, **params: Any) -> dict[st
 def deploy(
     directory: Annotated[Path, typer.Argument(help="Folder whose files make the function's code.")],
     name: Annotated[str, typer.Option("--name", "-n", help="Function name.")],
-    runtime: Annotated[str, typer.Option("--runtime", "-r", help="e.g. python3.12, provided.al2023.")],
+    runtime: Annotated[str, typer.Option("--runtime", "-r", help="e.g. python3.12, nodejs20.x, provided.al2023.")],
     handler: Annotated[str, typer.Option("--handler", help="e.g. app.handler (for provided: any label).")],
     memory: Annotated[int | None, typer.Option("--memory", help="Memory in MB (128-10240).")] = None,
     timeout: Annotated[int | None, typer.Option("--timeout", help="Timeout in seconds (1-900).")] = None,

@@ -72,7 +72,7 @@ async def serve_role(opts: ServeOptions, ro: RoleOptions, stop: asyncio.Event | 
         raise SystemExit(f"ember: {exc}") from None
     boot.on_close(etcd.close)
     store = boot.store()
-    settings = Settings(region=opts.region, endpoint=f"http://{opts.host}:{opts.port}")
+    settings = Settings.of(opts)
     control = ControlPlane(store, settings, account_limit=opts.account_concurrency)
     catalog = Catalog(etcd, control, fetch_code=ro.role == "worker")
     await catalog.start()

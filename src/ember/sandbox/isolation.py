@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
+from ember.sandbox import runtimes
 from ember.sandbox.cgroups import Cgroups
 from ember.sandbox.jail import TASK_ROOT, IsolationConfig, Jailer, UidRange
 from ember.sandbox.pool import Pool
@@ -173,15 +174,26 @@ class Isolation:
 
 
 def _inside(argv: list[str], env: dict[str, str], code_dir: str) -> tuple[list[str], dict[str, str]]:
-    """The launch spec as seen from inside the sandbox: the code dir is /var/task."""
-    prefix = code_dir.rstrip("/") + "/"
+    """The launch spec as seen from inside the sandbox: the code dir is /var/task, node's runtime client
+    /var/runtime."""
+    moves = ((code_dir, TASK_ROOT), (runtimes.NODE_CLIENT_DIR, runtimes.IN_SANDBOX))
 
     def fix(value: str) -> str:
-        if value == code_dir:
-            return TASK_ROOT
-        return TASK_ROOT + "/" + value[len(prefix) :] if value.startswith(prefix) else value
+        for host, inside in moves:
+            if value == host:
+                return inside
+            if value.startswith(host.rstrip("/") + "/"):
+                return inside + value[len(host.rstrip("/")) :]
+        return value
 
-    return [fix(a) for a in argv], {k: fix(v) for k, v in env.items()}
+    # ember's lists of paths name the code dir in the middle too; every other value is left as it is
+    # (a function's own LD_PRELOAD must reach its runtime exactly as configured)
+    return [fix(a) for a in argv], {
+        k: ":".join(map(fix, v.split(":"))) if k in _PATH_LISTS else fix(v) for k, v in env.items()
+    }
+
+
+_PATH_LISTS = frozenset({"LD_LIBRARY_PATH", "NODE_PATH"})
 
 
 def _open_to_sandboxes(code_dir: str) -> None:

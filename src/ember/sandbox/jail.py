@@ -30,6 +30,7 @@ from pathlib import Path
 
 import orjson
 
+from ember.sandbox import runtimes
 from ember.sandbox.cgroups import Cgroup, Cgroups
 from ember.sandbox.spawn import ChildProcess, SpawnedProcess, enter, read_json, spawn_off_loop, until_exited
 
@@ -309,6 +310,7 @@ class Jailer:
         for name in ETC_FILES:
             args += ["--ro-bind-try", f"/etc/{name}", f"/etc/{name}"]
         runtime_dirs = {os.path.realpath(sys.base_prefix), os.path.realpath(sys.prefix)}
+        runtime_dirs |= runtimes.node_prefix_outside_usr()  # a node installed elsewhere, at its own path
         # A runtime under /tmp (a checkout there) is bound elsewhere, so the sandbox's /tmp stays its
         # own and empty; argv naming it is rewritten in `spawn` (a venv finds itself from argv[0]).
         self._moved = {d: f"/opt/ember-runtime/{i}" for i, d in enumerate(sorted(runtime_dirs)) if _under_tmp(d)}
@@ -321,6 +323,8 @@ class Jailer:
             target = self._moved.get(d, d)
             args += ["--ro-bind", d, target]
             mounted.add(target)
+        # node's runtime client (ember.sandbox.runtimes) where Lambda keeps its runtime: not ember's source dir
+        args += ["--ro-bind", runtimes.NODE_CLIENT_DIR, runtimes.IN_SANDBOX]
         if os.path.realpath(sys.prefix) != sys.prefix and sys.prefix not in self._moved:
             args += ["--symlink", os.path.realpath(sys.prefix), sys.prefix]  # keep the venv's own path valid
         runtime_dirs = mounted
