@@ -24,4 +24,6 @@ class ServeOptions:
     isolation: str = "auto"  # auto | bwrap | none (ember.sandbox.isolation)
     pool: int = 2  # pre-started python runtimes (ember.sandbox.pool); 0: none
     ephemeral_storage_mb: int = 512  # each sandbox's /tmp
+    network: str = "egress"  # isolated sandboxes: egress | none (ember.sandbox.egress)
+    deny_private: bool = False  # egress: also deny 10/8, 172.16/12, 192.168/16
     debug_verify: bool = False  # check the core's invariants after every transition (slow; for debugging)

@@ -80,9 +80,10 @@ class Isolation:
                 "NOTE: no bubblewrap: sandboxes are isolated by unshare(1)+setpriv (same namespaces, uid, view, "
                 "seccomp filter and cgroups) but without pre-started runtimes: every cold start starts an interpreter"
             )
-        if self.warning:
-            log.warning(self.warning, extra={"isolation": self.describe()})
-            print(f"ember: {self.warning} (isolation: {self.describe()})", file=sys.stderr, flush=True)
+        name = self.mode + (f"+{self.cgroups.name}" if self.cgroups is not None else "")
+        for text in (self.warning, self.jailer.network_warning):
+            if text:  # once, on stderr (ember's log); /health repeats it
+                log.warning(text, extra={"isolation": name, "network": self.network})
         if self.mode == "bwrap" and self.cfg.pool > 0:
             self.pool = Pool(self.jailer, self.data_dir, self.cfg.pool)
             await self.pool.start()
@@ -92,13 +93,22 @@ class Isolation:
             await self.pool.close()
         self.jailer.close()
 
+    @property
+    def network(self) -> str:
+        """What isolated sandboxes get: `egress` (ember.sandbox.egress) or `none` (a loopback only)."""
+        if self.mode == "none":
+            return "host"  # a plain process: the host's network, unfiltered
+        return self.jailer.egress.mode + ("+deny-private" if self.cfg.deny_private else "")
+
     def describe(self) -> str:
         """For /health: e.g. `bwrap+cgroup-v1`, or `none (WARNING ...)`."""
         name = self.mode + (f"+{self.cgroups.name}" if self.cgroups is not None else "")
         return f"{name} ({self.warning})" if self.warning else name
 
     def health(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"mode": self.describe(), "ephemeral_mb": self.cfg.ephemeral_mb}
+        out: dict[str, Any] = {"mode": self.describe(), "ephemeral_mb": self.cfg.ephemeral_mb, "network": self.network}
+        if self.jailer.network_warning:
+            out["network_warning"] = self.jailer.network_warning
         if self.pool is not None:
             out["pool"] = self.pool.stats()
         return out
@@ -119,7 +129,9 @@ class Isolation:
                 return
             _open_to_sandboxes(spec.cwd)
             handler = _python_handler(spec.argv)
+            network = self.jailer.egress.wanted(env)
             poolable = handler is not None and not any(k.startswith("PYTHON") and k != "PYTHONPATH" for k in env)
+            poolable = poolable and self.pool is not None and self.pool.network == network
             pooled = self.pool.take() if self.pool is not None and poolable else None
             if pooled is None and self.pool is not None and poolable:
                 pooled = await self.pool.fork_now()
@@ -133,7 +145,9 @@ class Isolation:
             os.set_blocking(read_fd, False)
             proc._out_fd = read_fd
             try:
-                process, jail, release = await self.jailer.spawn(argv, env, spec.cwd, spec.memory_mb, write_fd)
+                process, jail, release = await self.jailer.spawn(
+                    argv, env, spec.cwd, spec.memory_mb, write_fd, network=network
+                )
             finally:
                 os.close(write_fd)
             proc.jail = jail

@@ -139,6 +139,7 @@ class Pool:
     def __init__(self, jailer: Jailer, data_dir: Path, size: int) -> None:
         self.jailer = jailer
         self.size = size
+        self.network = jailer.egress.mode == "egress"  # every pooled sandbox has egress, or none has
         self.boost = 0  # extra runtimes kept while cold starts come faster than refills (pool misses)
         self.max_boost = max(2, size)
         self._last_miss = -1e9
@@ -363,6 +364,7 @@ class Pool:
                 stdin=payload_end,
                 block=False,
                 join_cgroup=False,  # only the runtime goes there (its keeper moves it): one cgroup move, not two
+                network=self.network,
             )
             os.close(payload_end)
             theirs.remove(payload_end)
@@ -423,6 +425,7 @@ class Pool:
                 stdin=ctl_r,
                 extra_fds=(ready_w,),
                 block=False,
+                network=self.network,
             )
         except BaseException:
             for fd in (out_r, ctl_w, ready_r):
