@@ -225,7 +225,11 @@ def test_egress_reaches_the_outside_and_nothing_of_the_host(
             socket.create_connection((addr, host_listener.port), 2).close()
         socket.create_connection((LINK_LOCAL, HTTP_PORT), 2).close()  # ...and so is the link-local server
         event = {
-            "get": [f"http://{OUTSIDE}:{HTTP_PORT}/", f"http://{PRIVATE}:{HTTP_PORT}/", f"http://outside.test:{HTTP_PORT}/"],
+            "get": [
+                f"http://{OUTSIDE}:{HTTP_PORT}/",
+                f"http://{PRIVATE}:{HTTP_PORT}/",
+                f"http://outside.test:{HTTP_PORT}/",
+            ],
             "connect": [[a, host_listener.port] for a in hosts]
             + [[a, srv.port] for a in hosts]
             + [["127.0.0.1", srv.port], [LINK_LOCAL, HTTP_PORT], ["169.254.169.254", 80]],

@@ -4,12 +4,13 @@ relative data dir under the clone) serves the sample in each isolation mode: bwr
 "missing": EMBER_BWRAP names no file) and none (neither). The isolation NOTE is said once.
 
 The clone's virtualenv is made without pip (no network here): ember's own source is the clone's (a .pth
-file), the runtime the sandbox imports (awslambdaric and its two dependencies) is copied into the venv's
+file), the runtime the sandbox imports (RUNTIME_DISTS: awslambdaric and its two dependencies) is copied into the venv's
 site-packages, and ember's other dependencies come from this interpreter's site-packages (a .pth file;
 never visible inside a sandbox, which needs none of them). The clone is of HEAD: commit first."""
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import os
 import shutil
@@ -22,17 +23,15 @@ import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
-import awslambdaric
 import pytest
-import simplejson
-import snapshot_restore_py
-from conftest import ROOT, free_port
+from conftest import ROOT, EmberServer, create, free_port, wait_for
 
 pytestmark = pytest.mark.skipif(
     (os.geteuid() != 0 or not all(shutil.which(b) for b in ("git", "bwrap", "unshare", "setpriv")))
     and os.environ.get("CI") != "true",
     reason="needs root, git, bubblewrap and util-linux (CI must have them)",
 )
+RUNTIME_DISTS = ("awslambdaric", "simplejson", "snapshot-restore-py")  # what a sandbox imports
 MARKERS = {"bwrap": "bwrap", "unshare": "NOTE: no bubblewrap", "none": "NOT isolated"}
 
 
@@ -51,9 +50,13 @@ def clone() -> Iterator[Path]:
                 capture_output=True, text=True, check=True,
             ).stdout.strip()
         )  # fmt: skip
-        for mod in (awslambdaric, simplejson):
-            shutil.copytree(Path(mod.__file__).parent, site / mod.__name__, symlinks=True)  # type: ignore[arg-type]
-        shutil.copy2(snapshot_restore_py.__file__, site)  # type: ignore[arg-type]
+        for dist in RUNTIME_DISTS:  # every file each one installed (awslambdaric's C client is top-level)
+            for f in importlib.metadata.files(dist) or ():
+                src = Path(str(f.locate()))
+                if ".." in f.parts or not src.is_file():
+                    continue
+                (site / f).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(src, site / f)
         (site / "aaa-ember.pth").write_text(f"{repo / 'src'}\n")
         (site / "zzz-deps.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
         yield repo
@@ -102,3 +105,36 @@ def test_make_run_serves_the_sample_from_a_clone_under_tmp(clone: Path, mode: st
     text = err.read_text()
     if mode != "bwrap":
         assert text.count(MARKERS[mode]) == 1, text  # the start-up notice, once
+
+
+FAILING_UNSHARE = """#!/bin/sh
+# unshare(1) that works for ember's start-up check but whose sandboxes fail, saying why on stderr
+case "$*" in *sandbox-root*) echo "ember-test: the helper could not mount its root" >&2; exit 3;; esac
+exec %s "$@"
+"""
+
+
+def test_a_sandbox_that_fails_to_start_says_why(tmp_path: Path) -> None:
+    """The helper's stderr reaches the invoke's error message, the function's log and ember's log."""
+    fake = tmp_path / "unshare"
+    fake.write_text(FAILING_UNSHARE % shutil.which("unshare"))
+    fake.chmod(0o755)
+    os.environ["EMBER_UNSHARE"] = str(fake)
+    try:
+        srv = EmberServer(tmp_path / "data", "--isolation", "unshare").start()
+    finally:
+        del os.environ["EMBER_UNSHARE"]
+    why = "ember-test: the helper could not mount its root"
+    try:
+        lam = srv.client()
+        create(lam, "broken", "def handler(e, c):\n    return 1\n")
+        resp = lam.invoke(FunctionName="broken")
+        body = json.loads(resp["Payload"].read())
+        assert resp.get("FunctionError") and why in body["errorMessage"], body
+        logs = "".join(p.read_text() for p in (tmp_path / "data" / "logs").rglob("*.jsonl"))
+        assert wait_for(
+            lambda: why in "".join(p.read_text() for p in (tmp_path / "data" / "logs").rglob("*.jsonl")), 10
+        ), logs
+    finally:
+        srv.stop()
+    assert any(why in line and "a sandbox failed to start" in line for line in srv.stderr().splitlines()), srv.stderr()
