@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import ipaddress
 import logging
 import os
@@ -50,6 +51,9 @@ LINK_LOCAL = "169.254.0.0/16"
 ALWAYS_DENIED = (LINK_LOCAL, "224.0.0.0/4", "240.0.0.0/4", "0.0.0.0/8")
 PRIVATE = ("10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16")
 FIB_TRIE = Path("/proc/net/fib_trie")
+LOOPBACK_POLL_S = 0.0005
+_SIOCGIFFLAGS, _IFF_UP = 0x8913, 0x1
+_IFREQ_LO = struct.pack("16sH22x", b"lo", 0)
 
 # rtnetlink: one RTM_NEWROUTE of type RTN_PROHIBIT per denied prefix
 _RTM_NEWROUTE, _NLMSG_ERROR = 24, 2
@@ -173,6 +177,7 @@ class Egress:
     async def attach(self, pid: int) -> Link:
         """Give the network namespace of `pid` its tap, route, resolver and denials; returns once the
         namespace is configured (slirp4netns's ready byte, then the routes)."""
+        await _until_loopback_up(pid)
         ready_r, ready_w = os.pipe2(os.O_CLOEXEC)
         exit_r, exit_w = os.pipe2(os.O_CLOEXEC)
         err_fd = os.memfd_create("ember-slirp-stderr", os.MFD_CLOEXEC)  # read back if it fails
@@ -214,6 +219,24 @@ class Egress:
             for fd in (ready_r, ready_w, exit_r, exit_w, err_fd):
                 if fd >= 0:
                     os.close(fd)
+
+
+async def _until_loopback_up(pid: int, timeout_s: float = READY_TIMEOUT_S) -> None:
+    """Wait until the namespace's loopback is up: bwrap reports the sandbox's pid before its child has set
+    up the loopback (RTM_NEWADDR, then up), and fails if slirp4netns's --configure got there first. (The
+    unshare helper brings it up before it reports.)"""
+    sock = socket_in_netns(pid, socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        deadline = asyncio.get_running_loop().time() + timeout_s
+        while True:
+            flags = struct.unpack_from("=H", fcntl.ioctl(sock, _SIOCGIFFLAGS, _IFREQ_LO), 16)[0]
+            if flags & _IFF_UP:
+                return
+            if asyncio.get_running_loop().time() > deadline:
+                raise EgressError("the sandbox's loopback did not come up")
+            await asyncio.sleep(LOOPBACK_POLL_S)
+    finally:
+        sock.close()
 
 
 async def _read_byte(fd: int, timeout_s: float) -> bool:

@@ -19,6 +19,7 @@ cgroup when there is one, and a loud warning at startup and in /health.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import os
@@ -157,6 +158,13 @@ class Isolation:
                 sock = listen_in_netns(jail.child_pid)
                 proc._server = await proc.loop.create_server(server, sock=sock)
                 proc.port = RUNTIME_API_PORT
+                try:
+                    await jail.network_ready()
+                except OSError:
+                    jail.kill()  # bwrap would go on at its block fd's EOF: the sandbox must not run
+                    with contextlib.suppress(ProcessLookupError):
+                        process.kill()
+                    raise
                 os.write(release, b"go")
             finally:
                 os.close(release)

@@ -186,6 +186,8 @@ class Jail:
         self.pgid = -1
         self.oom = False
         self.link: Link | None = None  # its outbound network (ember.sandbox.egress), if it has one
+        # setting that network up, while the runtime starts (see `network_ready`)
+        self._attaching: asyncio.Task[Link] | None = None
         self._released = False
 
     def kill(self) -> None:
@@ -197,6 +199,16 @@ class Jail:
                 signal.pidfd_send_signal(self.init_pidfd, signal.SIGKILL)  # its pid namespace goes with it
         if self.cgroup is not None:
             self.cgroup.kill()
+
+    def attach_network(self, egress: Egress) -> None:
+        """Start giving the sandbox its network (ember.sandbox.egress) in the background: it overlaps the
+        runtime's start, and `network_ready` must be awaited before any function code may run."""
+        self._attaching = asyncio.get_running_loop().create_task(egress.attach(self.child_pid))
+
+    async def network_ready(self) -> None:
+        """The sandbox's network is set up (its denials in place), or EgressError saying why not."""
+        if self._attaching is not None:
+            self.link = await asyncio.shield(self._attaching)
 
     def max_memory_mb(self) -> int:
         return self.cgroup.peak_mb() if self.cgroup is not None else 0
@@ -213,6 +225,14 @@ class Jail:
         if self._released:
             return
         self._released = True
+        if self._attaching is not None:
+            if not self._attaching.done():
+                self._attaching.cancel()
+                with contextlib.suppress(BaseException):
+                    await self._attaching
+            elif not self._attaching.cancelled() and self._attaching.exception() is None:
+                self.link = self._attaching.result()
+            self._attaching = None
         if self.link is not None:
             self.link.close()  # slirp4netns exits, its tap goes
             self.link = None
@@ -532,13 +552,7 @@ class Jailer:
                 await process.wait()
                 raise OSError(errno.ENOEXEC, "the sandbox failed to start")
             if network:
-                try:
-                    jail.link = await self.egress.attach(jail.child_pid)
-                except BaseException:
-                    jail.kill()  # bwrap would go on at its block fd's EOF: the sandbox must not run
-                    with contextlib.suppress(ProcessLookupError):
-                        process.kill()
-                    raise
+                jail.attach_network(self.egress)  # awaited (network_ready) before function code runs
             return process, jail, block_w
         except BaseException:
             if block_w >= 0:

@@ -114,6 +114,7 @@ class Pooled:
             sock = listen_in_netns(jail.child_pid)
             proc._server = await proc.loop.create_server(server, sock=sock)
             proc.port = RUNTIME_API_PORT
+            await jail.network_ready()  # set up while the runtime started; done by now, unless it was just forked
             os.write(self.ctl_fd, specialisation(env, handler))
         except OSError:
             with contextlib.suppress(ProcessLookupError):
@@ -463,6 +464,13 @@ class Pool:
         self.loop.add_reader(pooled.ready_fd, on_ready)
         with contextlib.suppress(asyncio.TimeoutError):
             await asyncio.wait_for(asyncio.shield(done), READY_TIMEOUT_S)
+        try:
+            await pooled.jail.network_ready()
+        except OSError as exc:  # useless: its watcher replaces it (with the usual backoff)
+            log.warning("a pre-started runtime got no network", extra={"error": str(exc)})
+            if not pooled.taken:
+                with contextlib.suppress(ProcessLookupError):
+                    pooled.process.kill()
 
     async def _watch(self, pooled: Pooled) -> None:
         """A pooled runtime that dies before it is taken is cleaned up and replaced."""
