@@ -232,7 +232,8 @@ def test_egress_reaches_the_outside_and_nothing_of_the_host(
             ],
             "connect": [[a, host_listener.port] for a in hosts]
             + [[a, srv.port] for a in hosts]
-            + [["127.0.0.1", srv.port], [LINK_LOCAL, HTTP_PORT], ["169.254.169.254", 80]],
+            + [["127.0.0.1", srv.port], [LINK_LOCAL, HTTP_PORT], ["169.254.169.254", 80]]
+            + [[f"100.127.255.{i}", host_listener.port] for i in (2, 3, 50)],  # slirp's own network
             "resolve": ["outside.test"],
         }
         out = probe(srv, "egress", event)
@@ -249,6 +250,8 @@ def test_egress_reaches_the_outside_and_nothing_of_the_host(
         for addr, port in ((LINK_LOCAL, HTTP_PORT), ("169.254.169.254", 80)):
             got = out[f"connect {addr}:{port}"]
             assert not got["ok"] and got["errno"] == 13, (addr, got)
+        for i in (2, 3, 50):  # slirp's gateway is not a way to the host's loopback, nor anything else there
+            assert not out[f"connect 100.127.255.{i}:{host_listener.port}"]["ok"], out
         # the Runtime API is unchanged: a second invoke of the same sandbox works
         assert "resolv.conf" in json.loads(srv.client().invoke(FunctionName="egress", Payload="{}")["Payload"].read())
         # a function that opts out has no network at all

@@ -7,8 +7,10 @@ one way: isolation -> pool -> zygote -> jail, spawn -> cgroups.
 Network (docs/decisions/0006): every sandbox has a network namespace of its own with only a
 loopback. ember creates the sandbox's Runtime API listener *inside* that namespace (setns on the
 event loop thread, for the few microseconds a socket() and bind() take), at 127.0.0.1:9001 as in
-Lambda. So a sandbox reaches its own Runtime API and nothing else: not ember's API port, not another
-sandbox's Runtime API, not the host's services. The price: no outbound network from functions.
+Lambda. So a sandbox reaches its own Runtime API and none of the host's: not ember's API port, not another
+sandbox's Runtime API, not the host's services. Outbound network (`--network egress`, the default;
+docs/decisions/0008) is added per sandbox by ember.sandbox.egress: slirp4netns, a resolver, and prohibit
+routes for every address of the host and 169.254.0.0/16.
 
 Modes, chosen at startup (`--isolation auto|bwrap|unshare|none`): `bwrap` when /usr/bin/bwrap works,
 else `unshare` when util-linux's unshare(1) and setpriv(1) work (both need root): the same namespaces,
