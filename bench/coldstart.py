@@ -49,7 +49,8 @@ MODES: dict[str, list[str]] = {
     "bwrap": ["--isolation", "bwrap", "--pool", "0"],
     "none": ["--isolation", "none", "--pool", "0"],
 }
-BURST = {"bwrap+pool-burst", "bwrap+pool-burst-nonet"}  # measured with no pause between cold starts, whatever --pace says
+# measured with no pause between cold starts, whatever --pace says
+BURST = {"bwrap+pool-burst", "bwrap+pool-burst-nonet"}
 BAR_P50_MS, BAR_P99_MS = 15.0, 50.0
 
 
