@@ -18,6 +18,7 @@ deps:
 	@scripts/install-deps.sh
 
 run: install
+	@scripts/install-deps.sh run
 	$(PY) examples/run.py --port $(PORT) --data-dir .ember
 
 lint: install

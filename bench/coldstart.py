@@ -4,6 +4,7 @@ first invoke of N freshly created functions, end to end through boto3 (bench/col
 
     bwrap+pool        --isolation bwrap --pool 2   (the default when bubblewrap works)
     bwrap+pool-burst  the same, cold starts back to back (faster than a pool of 2 refills)
+    ...-nonet         the same two with --network none (no egress: what egress costs, same run)
     bwrap             --isolation bwrap --pool 0   (a new sandbox + interpreter per cold start)
     none              --isolation none  --pool 0   (a plain process: the old behaviour)
     node-bwrap        --isolation bwrap --pool 2   a no-op nodejs20.x function (no pool: a new node per cold start)
@@ -43,13 +44,18 @@ ROOT = Path(__file__).resolve().parent.parent
 MODES: dict[str, list[str]] = {
     "bwrap+pool": ["--isolation", "bwrap", "--pool", "2"],
     "bwrap+pool-burst": ["--isolation", "bwrap", "--pool", "2"],  # back to back: drains the pool
+    # the same without outbound network (--network none: a loopback only, as before issue 14), to see
+    # what egress (docs/decisions/0008) costs in the same run
+    "bwrap+pool-nonet": ["--isolation", "bwrap", "--pool", "2", "--network", "none"],
+    "bwrap+pool-burst-nonet": ["--isolation", "bwrap", "--pool", "2", "--network", "none"],
     "bwrap": ["--isolation", "bwrap", "--pool", "0"],
     "none": ["--isolation", "none", "--pool", "0"],
     "node-bwrap": ["--isolation", "bwrap", "--pool", "2"],
     "node-none": ["--isolation", "none", "--pool", "0"],
 }
 NODE_MODES = {"node-bwrap", "node-none"}  # the no-op is nodejs20.x
-BURST = {"bwrap+pool-burst"}  # measured with no pause between cold starts, whatever --pace says
+# measured with no pause between cold starts, whatever --pace says
+BURST = {"bwrap+pool-burst", "bwrap+pool-burst-nonet"}
 BAR_P50_MS, BAR_P99_MS = 15.0, 50.0
 NODE_BAR_P50_MS = 150.0
 
@@ -120,10 +126,10 @@ def run(n: int, modes: list[str], pace_s: float = 0.0) -> dict[str, Any]:
 
 
 def table(result: dict[str, Any]) -> str:
-    rows = [f"{'mode':<17} {'n':>3} {'p50 ms':>8} {'p90 ms':>8} {'p99 ms':>8} {'init p50':>9} {'warm p50':>9}  bar"]
+    rows = [f"{'mode':<22} {'n':>3} {'p50 ms':>8} {'p90 ms':>8} {'p99 ms':>8} {'init p50':>9} {'warm p50':>9}  bar"]
     for mode, r in result.items():
         if "error" in r:
-            rows.append(f"{mode:<17} {r['error']}")
+            rows.append(f"{mode:<22} {r['error']}")
             continue
         bar = ""
         if mode == "bwrap+pool":  # the bar is for the configuration ember runs by default
@@ -132,7 +138,7 @@ def table(result: dict[str, Any]) -> str:
         elif mode == "node-bwrap":
             bar = f"{'PASS' if r['p50_ms'] <= NODE_BAR_P50_MS else 'FAIL'} (p50 <= {NODE_BAR_P50_MS:.0f})"
         rows.append(
-            f"{mode:<17} {r['n']:>3} {r['p50_ms']:>8.1f} {r['p90_ms']:>8.1f} {r['p99_ms']:>8.1f} "
+            f"{mode:<22} {r['n']:>3} {r['p50_ms']:>8.1f} {r['p90_ms']:>8.1f} {r['p99_ms']:>8.1f} "
             f"{r['init_duration_ms_p50'] or 0:>9.1f} {r['warm_invoke_ms_p50'] or 0:>9.1f}  {bar}"
         )
     return "\n".join(rows)

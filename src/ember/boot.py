@@ -61,7 +61,13 @@ class Boot:
         opts = self.opts
         try:
             isolation = Isolation(
-                IsolationConfig(mode=opts.isolation, pool=opts.pool, ephemeral_mb=opts.ephemeral_storage_mb),
+                IsolationConfig(
+                    mode=opts.isolation,
+                    pool=opts.pool,
+                    ephemeral_mb=opts.ephemeral_storage_mb,
+                    network=opts.network,
+                    deny_private=opts.deny_private,
+                ),
                 opts.data_dir,
             )
         except (ValueError, RuntimeError) as exc:

@@ -26,4 +26,6 @@ class ServeOptions:
     ephemeral_storage_mb: int = 512  # each sandbox's /tmp
     role_credentials: Path | None = None  # a JSON file: role ARN -> credentials (ember.api.credentials)
     pass_credentials: bool = False  # roles the file does not map get ember's own AWS_* credentials
+    network: str = "egress"  # isolated sandboxes: egress | none (ember.sandbox.egress)
+    deny_private: bool = False  # egress: also deny 10/8, 172.16/12, 192.168/16
     debug_verify: bool = False  # check the core's invariants after every transition (slow; for debugging)

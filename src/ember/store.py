@@ -89,6 +89,8 @@ class Store:
     """SQLite for definitions, files for code. Control-plane only: the invoke path reads memory."""
 
     def __init__(self, data_dir: Path) -> None:
+        # absolute: code dirs are handed to sandboxes (bwrap, the unshare helper) that run with cwd "/"
+        data_dir = data_dir.absolute()
         self.data_dir = data_dir
         self.code_dir = data_dir / "code"
         self.code_dir.mkdir(parents=True, exist_ok=True)

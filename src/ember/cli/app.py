@@ -47,6 +47,15 @@ def serve(
     ephemeral_storage: int = typer.Option(
         512, "--ephemeral-storage", min=1, help="Size of each sandbox's /tmp, in MB."
     ),
+    network: str = typer.Option(
+        "egress",
+        "--network",
+        help="Isolated sandboxes' network: egress (outbound TCP/UDP and DNS; never the host's addresses or "
+        "169.254.0.0/16) or none (a loopback only). A function can opt out with EMBER_NETWORK=none.",
+    ),
+    deny_private: Annotated[
+        bool, typer.Option("--deny-private", help="Egress: also deny 10/8, 172.16/12 and 192.168/16.")
+    ] = False,
     role: str = typer.Option(
         "all", "--role", help="all (one process, the default), or a cluster role: frontend, assigner, worker."
     ),
@@ -103,6 +112,8 @@ def serve(
     if role != "all" and not etcd:
         typer.echo("ember: --role needs --etcd URL", err=True)
         raise typer.Exit(2)
+    if network not in ("egress", "none"):
+        raise typer.BadParameter("expected egress or none", param_hint="--network")
     if role not in ("all", "frontend", "assigner", "worker"):
         raise typer.BadParameter("expected all, frontend, assigner or worker", param_hint="--role")
     options = ServeOptions(
@@ -124,6 +135,8 @@ def serve(
         ephemeral_storage_mb=ephemeral_storage,
         role_credentials=role_credentials,
         pass_credentials=pass_credentials,
+        network=network,
+        deny_private=deny_private,
         debug_verify=debug_verify,
     )
     if role == "all":

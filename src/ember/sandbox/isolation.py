@@ -7,8 +7,10 @@ one way: isolation -> pool -> zygote -> jail, spawn -> cgroups.
 Network (docs/decisions/0006): every sandbox has a network namespace of its own with only a
 loopback. ember creates the sandbox's Runtime API listener *inside* that namespace (setns on the
 event loop thread, for the few microseconds a socket() and bind() take), at 127.0.0.1:9001 as in
-Lambda. So a sandbox reaches its own Runtime API and nothing else: not ember's API port, not another
-sandbox's Runtime API, not the host's services. The price: no outbound network from functions.
+Lambda. So a sandbox reaches its own Runtime API and none of the host's: not ember's API port, not another
+sandbox's Runtime API, not the host's services. Outbound network (`--network egress`, the default;
+docs/decisions/0008) is added per sandbox by ember.sandbox.egress: slirp4netns, a resolver, and prohibit
+routes for every address of the host and 169.254.0.0/16.
 
 Modes, chosen at startup (`--isolation auto|bwrap|unshare|none`): `bwrap` when /usr/bin/bwrap works,
 else `unshare` when util-linux's unshare(1) and setpriv(1) work (both need root): the same namespaces,
@@ -19,6 +21,7 @@ cgroup when there is one, and a loud warning at startup and in /health.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import os
@@ -81,9 +84,10 @@ class Isolation:
                 "NOTE: no bubblewrap: sandboxes are isolated by unshare(1)+setpriv (same namespaces, uid, view, "
                 "seccomp filter and cgroups) but without pre-started runtimes: every cold start starts an interpreter"
             )
-        if self.warning:
-            log.warning(self.warning, extra={"isolation": self.describe()})
-            print(f"ember: {self.warning} (isolation: {self.describe()})", file=sys.stderr, flush=True)
+        name = self.mode + (f"+{self.cgroups.name}" if self.cgroups is not None else "")
+        for text in (self.warning, self.jailer.network_warning):
+            if text:  # once, on stderr (ember's log); /health repeats it
+                log.warning(text, extra={"isolation": name, "network": self.network})
         if self.mode == "bwrap" and self.cfg.pool > 0:
             self.pool = Pool(self.jailer, self.data_dir, self.cfg.pool)
             await self.pool.start()
@@ -93,13 +97,22 @@ class Isolation:
             await self.pool.close()
         self.jailer.close()
 
+    @property
+    def network(self) -> str:
+        """What isolated sandboxes get: `egress` (ember.sandbox.egress) or `none` (a loopback only)."""
+        if self.mode == "none":
+            return "host"  # a plain process: the host's network, unfiltered
+        return self.jailer.egress.mode + ("+deny-private" if self.cfg.deny_private else "")
+
     def describe(self) -> str:
         """For /health: e.g. `bwrap+cgroup-v1`, or `none (WARNING ...)`."""
         name = self.mode + (f"+{self.cgroups.name}" if self.cgroups is not None else "")
         return f"{name} ({self.warning})" if self.warning else name
 
     def health(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"mode": self.describe(), "ephemeral_mb": self.cfg.ephemeral_mb}
+        out: dict[str, Any] = {"mode": self.describe(), "ephemeral_mb": self.cfg.ephemeral_mb, "network": self.network}
+        if self.jailer.network_warning:
+            out["network_warning"] = self.jailer.network_warning
         if self.pool is not None:
             out["pool"] = self.pool.stats()
         return out
@@ -120,7 +133,9 @@ class Isolation:
                 return
             _open_to_sandboxes(spec.cwd)
             handler = _python_handler(spec.argv)
+            network = self.jailer.egress.wanted(env)
             poolable = handler is not None and not any(k.startswith("PYTHON") and k != "PYTHONPATH" for k in env)
+            poolable = poolable and self.pool is not None and self.pool.network == network
             pooled = self.pool.take() if self.pool is not None and poolable else None
             if pooled is None and self.pool is not None and poolable:
                 pooled = await self.pool.fork_now()
@@ -134,7 +149,9 @@ class Isolation:
             os.set_blocking(read_fd, False)
             proc._out_fd = read_fd
             try:
-                process, jail, release = await self.jailer.spawn(argv, env, spec.cwd, spec.memory_mb, write_fd)
+                process, jail, release = await self.jailer.spawn(
+                    argv, env, spec.cwd, spec.memory_mb, write_fd, network=network
+                )
             finally:
                 os.close(write_fd)
             proc.jail = jail
@@ -144,6 +161,13 @@ class Isolation:
                 sock = listen_in_netns(jail.child_pid)
                 proc._server = await proc.loop.create_server(server, sock=sock)
                 proc.port = RUNTIME_API_PORT
+                try:
+                    await jail.network_ready()
+                except OSError:
+                    jail.kill()  # bwrap would go on at its block fd's EOF: the sandbox must not run
+                    with contextlib.suppress(ProcessLookupError):
+                        process.kill()
+                    raise
                 os.write(release, b"go")
             finally:
                 os.close(release)

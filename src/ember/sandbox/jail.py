@@ -32,6 +32,7 @@ import orjson
 
 from ember.sandbox import runtimes
 from ember.sandbox.cgroups import Cgroup, Cgroups
+from ember.sandbox.egress import Egress, Link
 from ember.sandbox.spawn import ChildProcess, SpawnedProcess, enter, read_json, spawn_off_loop, until_exited
 
 log = logging.getLogger("ember.sandbox.jail")
@@ -58,6 +59,8 @@ class IsolationConfig:
     ephemeral_mb: int = 512  # the size of each sandbox's /tmp (Lambda's default ephemeral storage)
     pids_max: int = 1024  # processes and threads per sandbox (Lambda's limit)
     nofile: int = 1024  # open files per process (Lambda's limit)
+    network: str = "egress"  # egress | none (ember.sandbox.egress)
+    deny_private: bool = False  # egress: also deny 10/8, 172.16/12, 192.168/16
 
 
 class UidRange:
@@ -183,6 +186,9 @@ class Jail:
         # eventfd, and stays stuck there if bwrap is killed first; the group outlives bwrap, not its pid 1
         self.pgid = -1
         self.oom = False
+        self.link: Link | None = None  # its outbound network (ember.sandbox.egress), if it has one
+        # setting that network up, while the runtime starts (see `network_ready`)
+        self._attaching: asyncio.Task[Link] | None = None
         self._released = False
 
     def kill(self) -> None:
@@ -194,6 +200,16 @@ class Jail:
                 signal.pidfd_send_signal(self.init_pidfd, signal.SIGKILL)  # its pid namespace goes with it
         if self.cgroup is not None:
             self.cgroup.kill()
+
+    def attach_network(self, egress: Egress) -> None:
+        """Start giving the sandbox its network (ember.sandbox.egress) in the background: it overlaps the
+        runtime's start, and `network_ready` must be awaited before any function code may run."""
+        self._attaching = asyncio.get_running_loop().create_task(egress.attach(self.child_pid))
+
+    async def network_ready(self) -> None:
+        """The sandbox's network is set up (its denials in place), or EgressError saying why not."""
+        if self._attaching is not None:
+            self.link = await asyncio.shield(self._attaching)
 
     def max_memory_mb(self) -> int:
         return self.cgroup.peak_mb() if self.cgroup is not None else 0
@@ -210,6 +226,17 @@ class Jail:
         if self._released:
             return
         self._released = True
+        if self._attaching is not None:
+            if not self._attaching.done():
+                self._attaching.cancel()
+                with contextlib.suppress(BaseException):
+                    await self._attaching
+            elif not self._attaching.cancelled() and self._attaching.exception() is None:
+                self.link = self._attaching.result()
+            self._attaching = None
+        if self.link is not None:
+            self.link.close()  # slirp4netns exits, its tap goes
+            self.link = None
         if self.init_pidfd >= 0 or self.pgid > 0:
             self.kill()
             self.pgid = -1
@@ -255,6 +282,8 @@ class Jailer:
         self._unshare_ops: list[list[str]] = []
         self._unshare_root = Path()
         self.seccomp = seccomp_program() if os.uname().machine == "x86_64" else b""
+        self.egress = Egress(cfg.network, cfg.deny_private)
+        self.network_warning = ""
 
     def _choose(self, wanted: str) -> str:
         if wanted not in ("auto", "bwrap", "unshare", "none"):
@@ -286,6 +315,11 @@ class Jailer:
                     self.cgroups = None
             self.uids = UidRange()
         if self.mode in ("bwrap", "unshare"):
+            why = self.egress.usable()
+            if why:
+                self.network_warning = f"WARNING: --network egress but {why}: sandboxes have no network"
+                self.egress.mode = "none"
+            self.egress.start(_run_dir())
             self._prepare_bwrap()
         if self.mode == "unshare":
             self._prepare_unshare()
@@ -338,7 +372,7 @@ class Jailer:
         self._static_args = dirs + args
 
     def bwrap_argv(
-        self, uid: int, task_dir: str, info_fd: int, block_fd: int | None, seccomp_fd: int = -1
+        self, uid: int, task_dir: str, info_fd: int, block_fd: int | None, seccomp_fd: int = -1, network: bool = False
     ) -> list[str]:
         """bwrap runs as root (so it can bind what only root can reach, and the sandbox's uid is a
         real host uid rather than a user-namespace mapping of root); it keeps only CAP_SETUID and
@@ -355,6 +389,7 @@ class Jailer:
             "--proc", "/proc",
             "--dev", "/dev",
             "--ro-bind", task_dir, TASK_ROOT,
+            *(["--ro-bind", str(self.egress.resolv_conf), "/etc/resolv.conf"] if network else []),
             "--remount-ro", "/dev",
             "--remount-ro", "/",
             "--chdir", TASK_ROOT,
@@ -391,11 +426,12 @@ class Jailer:
                 raise AssertionError(f"unexpected bwrap argument {flag}")
             mode = "0755"
         self._unshare_ops = ops
-        base = Path("/run/ember") if os.access("/run", os.W_OK) else Path("/tmp/ember-uids")
-        self._unshare_root = base / "sandbox-root"
+        self._unshare_root = _run_dir() / "sandbox-root"
         self._unshare_root.mkdir(mode=0o700, parents=True, exist_ok=True)
 
-    def unshare_argv(self, uid: int, task_dir: str, info_fd: int, block_fd: int, keep: tuple[int, ...]) -> list[str]:
+    def unshare_argv(
+        self, uid: int, task_dir: str, info_fd: int, block_fd: int, keep: tuple[int, ...], network: bool = False
+    ) -> list[str]:
         """unshare(1) makes the namespaces (it dies with ember: its parent-death signal is set before
         exec, and --kill-child takes the sandbox's pid 1 with it); UNSHARE_HELPER does the rest."""
         ops = [
@@ -404,6 +440,7 @@ class Jailer:
             ["proc"],
             ["dev"],
             ["bind", task_dir, TASK_ROOT],
+            *([["bind", str(self.egress.resolv_conf), "/etc/resolv.conf"]] if network else []),
         ]
         drop = [
             self.setpriv, f"--reuid={uid}", f"--regid={uid}", "--clear-groups",
@@ -451,14 +488,17 @@ class Jailer:
         extra_fds: tuple[int, ...] = (),
         block: bool = True,
         join_cgroup: bool = True,
+        network: bool = False,
     ) -> tuple[SpawnedProcess, Jail, int]:
         """Start `argv` in a new sandbox; returns the process, its jail, and (when `block`) the fd to
         write to let the runtime run (after its Runtime API listener exists), else -1. `join_cgroup`
         False: bwrap and `argv` stay out of the sandbox's cgroup (which is still made and limited), have
         no rlimits and do not die with ember themselves, for a payload that runs no function code and
         ends with its runtime (ember.sandbox.zygote: the runtime it forks goes into the cgroup, with the rlimits,
-        and dies with its keeper, which dies with the zygote, which dies with ember)."""
+        and dies with its keeper, which dies with the zygote, which dies with ember). `network`: outbound
+        network (ember.sandbox.egress), set up before the runtime may run."""
         assert self.uids is not None
+        network = network and self.egress.mode == "egress"
         uid = self.uids.take()
         cgroup = self.cgroups.create() if self.cgroups is not None else None
         jail = Jail(self, uid, cgroup)
@@ -482,9 +522,9 @@ class Jailer:
             env_fd = _env_file(env)  # to the sandbox's uid only: see ENV_EXEC
             fds.append(env_fd)
             if unshare:
-                head = self.unshare_argv(uid, task_dir, info_w, block_r, extra_fds)
+                head = self.unshare_argv(uid, task_dir, info_w, block_r, extra_fds, network)
             else:
-                head = self.bwrap_argv(uid, task_dir, info_w, block_r if block else None, seccomp_fd)
+                head = self.bwrap_argv(uid, task_dir, info_w, block_r if block else None, seccomp_fd, network)
             process = await spawn_off_loop(
                 [*head, *self.inside(argv)],
                 cwd="/",
@@ -515,6 +555,8 @@ class Jailer:
                     process.kill()
                 await process.wait()
                 raise OSError(errno.ENOEXEC, "the sandbox failed to start")
+            if network:
+                jail.attach_network(self.egress)  # awaited (network_ready) before function code runs
             return process, jail, block_w
         except BaseException:
             if block_w >= 0:
@@ -557,6 +599,11 @@ class Jailer:
         finally:
             for fd in fds:
                 os.close(fd)
+
+
+def _run_dir() -> Path:
+    """Where ember keeps host-side files of its sandboxes (outside any data dir)."""
+    return Path("/run/ember") if os.access("/run", os.W_OK) else Path("/tmp/ember-uids")
 
 
 @functools.cache

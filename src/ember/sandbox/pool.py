@@ -93,6 +93,7 @@ class Pooled:
             sock = listen_in_netns(jail.child_pid)
             proc._server = await proc.loop.create_server(server, sock=sock)
             proc.port = RUNTIME_API_PORT
+            await jail.network_ready()  # set up while the runtime started; done by now, unless it was just forked
             os.write(self.ctl_fd, specialisation(env, handler))
         except OSError:
             with contextlib.suppress(ProcessLookupError):
@@ -118,6 +119,7 @@ class Pool:
     def __init__(self, jailer: Jailer, data_dir: Path, size: int) -> None:
         self.jailer = jailer
         self.size = size
+        self.network = jailer.egress.mode == "egress"  # every pooled sandbox has egress, or none has
         self.boost = 0  # extra runtimes kept while cold starts come faster than refills (pool misses)
         self.max_boost = max(2, size)
         self._last_miss = -1e9
@@ -342,6 +344,7 @@ class Pool:
                 stdin=payload_end,
                 block=False,
                 join_cgroup=False,  # only the runtime goes there (its keeper moves it): one cgroup move, not two
+                network=self.network,
             )
             os.close(payload_end)
             theirs.remove(payload_end)
@@ -402,6 +405,7 @@ class Pool:
                 stdin=ctl_r,
                 extra_fds=(ready_w,),
                 block=False,
+                network=self.network,
             )
         except BaseException:
             for fd in (out_r, ctl_w, ready_r):
@@ -439,6 +443,13 @@ class Pool:
         self.loop.add_reader(pooled.ready_fd, on_ready)
         with contextlib.suppress(asyncio.TimeoutError):
             await asyncio.wait_for(asyncio.shield(done), READY_TIMEOUT_S)
+        try:
+            await pooled.jail.network_ready()
+        except OSError as exc:  # useless: its watcher replaces it (with the usual backoff)
+            log.warning("a pre-started runtime got no network", extra={"error": str(exc)})
+            if not pooled.taken:
+                with contextlib.suppress(ProcessLookupError):
+                    pooled.process.kill()
 
     async def _watch(self, pooled: Pooled) -> None:
         """A pooled runtime that dies before it is taken is cleaned up and replaced."""

@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
+import logging
 import os
 import signal
 import time
@@ -29,6 +30,9 @@ from aiohttp import web
 
 from ember.sandbox.endpoint import Endpoint, EState, Signal
 from ember.sandbox.spawn import ChildProcess
+
+log = logging.getLogger("ember.sandbox.process")
+START_ERROR_CHARS = 1000  # of a failed sandbox's output, in its error message
 
 API_PREFIX = "/2018-06-01/runtime/"
 MAX_RESPONSE_BYTES = 6 * 1024 * 1024
@@ -233,8 +237,19 @@ class SandboxProcess:
 
     async def spawn_failed(self, exc: OSError) -> None:
         """The runtime could not be started at all (no bootstrap, not executable): an init failure
-        that goes to the invoke that caused it, then the sandbox is gone."""
+        that goes to the invoke that caused it, then the sandbox is gone. What the sandbox printed before
+        it failed (the jail helper's stderr, say) is kept for the function's log, said in the error and
+        logged in ember's log: a sandbox that cannot start always says why."""
+        self._drain_output()
         self._close_output()
+        why = exc.strerror or str(exc)
+        printed = _last_lines(bytes(self.init_log))
+        if printed:
+            why = f"{why}: {printed}"
+        log.warning(
+            "a sandbox failed to start",
+            extra={"function": self.spec.function_arn, "error": exc.strerror or str(exc), "output": printed},
+        )
         await self._close_endpoint()
         if self.jail is not None:
             await self.jail.release()
@@ -242,7 +257,7 @@ class SandboxProcess:
         error = Outcome.runtime_error(
             Outcome.FUNCTION_ERROR,
             "Runtime.InvalidEntrypoint",
-            f"RequestId: {{request_id}} Error: could not start the runtime: {exc.strerror}",
+            "RequestId: {request_id} Error: could not start the runtime: " + why,
         )
         self.events.sandbox_init_failed(self, error)
         self.events.sandbox_exited(self, -1)
@@ -484,3 +499,9 @@ def _error_type(body: bytes) -> str | None:
         return None
     value = doc.get("errorType") if isinstance(doc, dict) else None
     return value if isinstance(value, str) else None
+
+
+def _last_lines(data: bytes, limit: int = START_ERROR_CHARS) -> str:
+    """The end of what a sandbox printed, on one line (for an error message)."""
+    text = " | ".join(line.strip() for line in data.decode(errors="replace").splitlines() if line.strip())
+    return text if len(text) <= limit else "..." + text[-limit:]

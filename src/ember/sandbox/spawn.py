@@ -67,24 +67,33 @@ def _setns(fd: int) -> None:
         raise OSError(err, os.strerror(err))
 
 
-def listen_in_netns(pid: int, port: int = RUNTIME_API_PORT) -> socket.socket:
-    """A listening TCP socket at 127.0.0.1:`port` in the network namespace of `pid`. Synchronous on
+def socket_in_netns(pid: int, family: int, kind: int, proto: int = 0) -> socket.socket:
+    """A socket made in the network namespace of `pid` (it stays bound to that namespace). Synchronous on
     purpose: the thread is back in ember's namespace before anything else runs on it."""
     own = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
     target = os.open(f"/proc/{pid}/ns/net", os.O_RDONLY | os.O_CLOEXEC)
     try:
         _setns(target)
         try:
-            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            sock.bind(("127.0.0.1", port))
-            sock.listen(LISTEN_BACKLOG)
-            sock.setblocking(False)
+            return socket.socket(family, kind, proto)
         finally:
             _setns(own)  # cannot fail for ember's own namespace; if it did, raising is right
     finally:
         os.close(own)
         os.close(target)
+
+
+def listen_in_netns(pid: int, port: int = RUNTIME_API_PORT) -> socket.socket:
+    """A listening TCP socket at 127.0.0.1:`port` in the network namespace of `pid`."""
+    sock = socket_in_netns(pid, socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(("127.0.0.1", port))
+        sock.listen(LISTEN_BACKLOG)
+        sock.setblocking(False)
+    except BaseException:
+        sock.close()
+        raise
     return sock
 
 
