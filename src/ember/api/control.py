@@ -286,12 +286,18 @@ class ControlPlane:
         return new
 
     def update_code(self, rec: FunctionRecord, body: dict[str, Any]) -> FunctionRecord:
+        config = None
+        if "Architectures" in body:  # UpdateFunctionCode carries the architecture the code is built for
+            problems = validate.Problems()
+            validate.check_architectures(body["Architectures"], problems)
+            problems.raise_if_any()
+            config = {**rec.config, "Architectures": body["Architectures"]}
         self._check_settled(rec)
         self._check_revision(rec, body)
         if body.get("DryRun"):
             return rec
         sha, size = self._store_code(body)
-        new = self._commit(rec, code=(sha, size))
+        new = self._commit(rec, config=config, code=(sha, size))
         self._begin(new.name, "update")
         return new
 
