@@ -149,6 +149,18 @@ def test_not_found_is_worded_per_operation(lam) -> None:
     with pytest.raises(lam.exceptions.ResourceNotFoundException) as exc:
         lam.get_function(FunctionName="here", Qualifier="1221")
     assert error(exc)[1] == f"Function not found: {ARN}:here:1221"
+    with pytest.raises(lam.exceptions.ResourceNotFoundException) as exc:
+        lam.get_function_event_invoke_config(FunctionName="nope")
+    assert error(exc)[1] == f"The function {ARN}:nope:$LATEST doesn't have an EventInvokeConfig"
+    with pytest.raises(lam.exceptions.ResourceNotFoundException) as exc:
+        lam.get_function_event_invoke_config(FunctionName="here")
+    assert error(exc)[1] == f"The function {ARN}:here:$LATEST doesn't have an EventInvokeConfig"
+    with pytest.raises(lam.exceptions.ResourceNotFoundException) as exc:
+        lam.get_function_event_invoke_config(FunctionName="here", Qualifier="1221")
+    assert error(exc)[1] == f"The function {ARN}:here:1221 doesn't have an EventInvokeConfig"
+    with pytest.raises(lam.exceptions.ResourceNotFoundException) as exc:
+        lam.get_function_concurrency(FunctionName="nope")
+    assert error(exc)[1] == f"Function not found: {ARN}:nope"
 
 
 def test_arns_of_another_region_or_account(lam) -> None:

@@ -355,7 +355,7 @@ class ControlPlane:
             raise LambdaError(
                 404,
                 "ResourceNotFoundException",
-                f"The function {self.arn(rec.name)} doesn't have an EventInvokeConfig",
+                f"The function {self.arn(rec.name)}:$LATEST doesn't have an EventInvokeConfig",
             )
         config, modified = found
         return {"LastModified": modified, "FunctionArn": f"{self.arn(rec.name)}:$LATEST", **config}

@@ -307,7 +307,18 @@ class Frontend:
         return _json(self.control.put_event_config(rec, await _body_json(request), merge=True), request_id)
 
     async def get_event_config(self, request: web.Request, request_id: str) -> web.StreamResponse:
-        return _json(self.control.event_config(self._eic_function(request)), request_id)
+        try:
+            rec = self._eic_function(request)
+        except LambdaError as exc:  # Lambda names what has no config, whether or not the function exists
+            if not exc.message.startswith("Function not found: "):
+                raise
+            arn = exc.message.removeprefix("Function not found: ")
+            if arn.count(":") == 6:
+                arn += ":$LATEST"
+            raise LambdaError(
+                404, "ResourceNotFoundException", f"The function {arn} doesn't have an EventInvokeConfig"
+            ) from None
+        return _json(self.control.event_config(rec), request_id)
 
     async def delete_event_config(self, request: web.Request, request_id: str) -> web.StreamResponse:
         self.control.delete_event_config(self._eic_function(request))
