@@ -433,6 +433,34 @@ def test_every_configuration_member_lambda_returns(lam) -> None:
     assert out["Architectures"] == ["arm64"]
 
 
+def test_logging_config_and_snapstart_are_kept_as_lambda_keeps_them(lam) -> None:
+    create(lam, "logs", HELLO, LoggingConfig={"LogFormat": "JSON"}, SnapStart={"ApplyOn": "PublishedVersions"})
+    cfg = lam.get_function_configuration(FunctionName="logs")
+    assert cfg["LoggingConfig"] == {
+        "LogFormat": "JSON", "ApplicationLogLevel": "INFO", "SystemLogLevel": "INFO", "LogGroup": "/aws/lambda/logs",
+    }  # fmt: skip
+    assert cfg["SnapStart"] == {"ApplyOn": "PublishedVersions", "OptimizationStatus": "Off"}
+    lam.get_waiter("function_active_v2").wait(FunctionName="logs")
+    out = lam.update_function_configuration(FunctionName="logs", LoggingConfig={"ApplicationLogLevel": "DEBUG"})
+    assert out["LoggingConfig"]["ApplicationLogLevel"] == "DEBUG" and out["LoggingConfig"]["LogFormat"] == "JSON"
+    lam.get_waiter("function_updated_v2").wait(FunctionName="logs")
+    out = lam.update_function_configuration(
+        FunctionName="logs", LoggingConfig={"LogFormat": "Text", "LogGroup": "cool_lambda"}
+    )
+    assert out["LoggingConfig"] == {"LogFormat": "Text", "LogGroup": "cool_lambda"}
+    lam.get_waiter("function_updated_v2").wait(FunctionName="logs")
+    with pytest.raises(ClientError) as exc:
+        lam.update_function_configuration(FunctionName="logs", SnapStart={"ApplyOn": "invalidOption"})
+    assert error(exc) == (
+        "ValidationException",
+        "1 validation error detected: Value 'invalidOption' at 'snapStart.applyOn' failed to satisfy constraint: "
+        "Member must satisfy enum value set: [PublishedVersions, None]",
+    )
+    with pytest.raises(ClientError) as exc:
+        lam.update_function_configuration(FunctionName="logs", LoggingConfig={"LogFormat": "XML"})
+    assert error(exc)[0] == "ValidationException" and "at 'loggingConfig.logFormat'" in error(exc)[1]
+
+
 def test_account_settings_members(lam) -> None:
     create(lam, "acct", HELLO)
     got = lam.get_account_settings()

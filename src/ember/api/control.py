@@ -204,12 +204,12 @@ class ControlPlane:
             "PackageType": "Zip",
             "Architectures": c.get("Architectures", ["x86_64"]),
             "EphemeralStorage": {"Size": c.get("EphemeralStorage", {}).get("Size", 512)},
-            "SnapStart": {"ApplyOn": "None", "OptimizationStatus": "Off"},
+            "SnapStart": {"ApplyOn": c.get("SnapStart", {}).get("ApplyOn", "None"), "OptimizationStatus": "Off"},
             "RuntimeVersionConfig": {
                 "RuntimeVersionArn": f"arn:aws:lambda:{region}::runtime:"
                 + hashlib.sha256(runtime.encode()).hexdigest()
             },
-            "LoggingConfig": {"LogFormat": "Text", "LogGroup": f"/aws/lambda/{rec.name}"},
+            "LoggingConfig": {"LogFormat": "Text", "LogGroup": f"/aws/lambda/{rec.name}", **c.get("LoggingConfig", {})},
         }
         kind = self._transition(rec.name)
         if kind == "create":
@@ -541,6 +541,14 @@ class ControlPlane:
             mode = body["TracingConfig"].get("Mode") if isinstance(body["TracingConfig"], dict) else None
             if mode not in ("Active", "PassThrough"):
                 problems.add(mode, "tracingConfig.mode", "Member must satisfy enum value set: [Active, PassThrough]")
+        if "SnapStart" in body:
+            apply_on = body["SnapStart"].get("ApplyOn") if isinstance(body["SnapStart"], dict) else None
+            if apply_on not in ("PublishedVersions", "None"):
+                problems.add(
+                    apply_on, "snapStart.applyOn", "Member must satisfy enum value set: [PublishedVersions, None]"
+                )
+        if "LoggingConfig" in body:
+            validate.check_logging(body["LoggingConfig"], problems)
         problems.raise_if_any()
         validate.check_limit(body.get("MemorySize"), "MemorySize", MAX_MEMORY_MB)
         validate.check_limit(body.get("Timeout"), "Timeout", MAX_TIMEOUT_S)
@@ -565,6 +573,10 @@ class ControlPlane:
             config["EphemeralStorage"] = {"Size": body["EphemeralStorage"]["Size"]}
         if "TracingConfig" in body:
             config["TracingConfig"] = {"Mode": body["TracingConfig"]["Mode"]}
+        if "SnapStart" in body:
+            config["SnapStart"] = {"ApplyOn": body["SnapStart"]["ApplyOn"]}
+        if "LoggingConfig" in body:
+            config["LoggingConfig"] = validate.merge_logging(config.get("LoggingConfig", {}), body["LoggingConfig"])
         if "Environment" in body:
             env = body["Environment"]
             variables = env.get("Variables", {}) if isinstance(env, dict) else None

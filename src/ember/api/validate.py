@@ -254,3 +254,42 @@ KNOWN_RUNTIMES = frozenset(
         "provided.al2", "provided.al2023",
     }
 )  # fmt: skip
+
+
+APPLICATION_LOG_LEVELS = ("TRACE", "DEBUG", "INFO", "WARN", "ERROR", "FATAL")
+SYSTEM_LOG_LEVELS = ("DEBUG", "INFO", "WARN")
+
+
+def check_logging(logging: Any, problems: Problems) -> None:
+    if not isinstance(logging, dict):
+        problems.add(logging, "loggingConfig", "Member must not be null")
+        return
+    enums = (
+        ("LogFormat", "logFormat", ("JSON", "Text")),
+        ("ApplicationLogLevel", "applicationLogLevel", APPLICATION_LOG_LEVELS),
+        ("SystemLogLevel", "systemLogLevel", SYSTEM_LOG_LEVELS),
+    )
+    for key, member, allowed in enums:
+        if key in logging and logging[key] not in allowed:
+            problems.add(
+                logging[key], f"loggingConfig.{member}", f"Member must satisfy enum value set: [{', '.join(allowed)}]"
+            )
+    group = logging.get("LogGroup")
+    if group is not None and (not isinstance(group, str) or not re.fullmatch(r"[\.\-_/#A-Za-z0-9]+", group)):
+        problems.add(group, "loggingConfig.logGroup", FULL_MATCH + r"[\.\-_/#A-Za-z0-9]+")
+    elif isinstance(group, str) and len(group) > 512:
+        problems.add(group, "loggingConfig.logGroup", max_length(512))
+
+
+def merge_logging(current: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    """LoggingConfig as Lambda keeps it: members not sent stay; JSON brings INFO levels by default;
+    Text has no levels. Only what differs from the defaults is stored (LogFormat Text, the
+    function's own log group)."""
+    merged = {**current, **{k: v for k, v in update.items() if v is not None}}
+    if merged.get("LogFormat", "Text") == "JSON":
+        merged.setdefault("ApplicationLogLevel", "INFO")
+        merged.setdefault("SystemLogLevel", "INFO")
+    else:
+        merged.pop("ApplicationLogLevel", None)
+        merged.pop("SystemLogLevel", None)
+    return merged
