@@ -15,6 +15,10 @@ def handler(event, context):
 """
 
 
+def settled(lam, name: str) -> None:
+    lam.get_waiter("function_updated_v2").wait(FunctionName=name, WaiterConfig={"Delay": 1})
+
+
 def test_create_get_and_configuration_shapes(lam) -> None:
     out = create(lam, "shapes", HELLO, MemorySize=256, Timeout=7, Environment={"Variables": {"A": "1"}})
     assert out["ResponseMetadata"]["HTTPStatusCode"] == 201
@@ -23,12 +27,14 @@ def test_create_get_and_configuration_shapes(lam) -> None:
     assert out["Runtime"] == "python3.12" and out["Handler"] == "app.handler"
     assert out["MemorySize"] == 256 and out["Timeout"] == 7
     assert out["Environment"] == {"Variables": {"A": "1"}}
-    assert out["State"] == "Active" and out["Version"] == "$LATEST"
+    assert out["State"] == "Pending" and out["Version"] == "$LATEST"  # as Lambda answers CreateFunction
+    lam.get_waiter("function_active_v2").wait(FunctionName="shapes", WaiterConfig={"Delay": 1})
     got = lam.get_function(FunctionName="shapes")
     assert got["Configuration"]["CodeSha256"] == out["CodeSha256"]
+    assert got["Configuration"]["State"] == "Active"
     assert got["Code"]["RepositoryType"] == "S3"
     cfg = lam.get_function_configuration(FunctionName="shapes")
-    assert cfg["RevisionId"] == out["RevisionId"]
+    assert cfg["RevisionId"] == got["Configuration"]["RevisionId"] != out["RevisionId"]  # changes as it settles
 
 
 def test_code_location_serves_the_zip(lam, server) -> None:
@@ -76,12 +82,14 @@ def test_update_configuration_and_code_take_effect_immediately(lam) -> None:
     assert json.loads(lam.invoke(FunctionName="upd")["Payload"].read()) == {"v": 1, "env": None}
     lam.update_function_configuration(FunctionName="upd", Environment={"Variables": {"X": "two"}})
     assert json.loads(lam.invoke(FunctionName="upd")["Payload"].read()) == {"v": 1, "env": "two"}
+    settled(lam, "upd")  # as on Lambda, the next update waits for this one to settle
     new = make_zip(
         {"app.py": 'import os\ndef handler(e, c):\n    return {"v": 2, "env": os.environ.get("X")}\n'}
     )
     lam.update_function_code(FunctionName="upd", ZipFile=new)
     for _ in range(3):
         assert json.loads(lam.invoke(FunctionName="upd")["Payload"].read()) == {"v": 2, "env": "two"}
+    settled(lam, "upd")
     lam.update_function_configuration(FunctionName="upd", Handler="app.other")
     err = lam.invoke(FunctionName="upd")
     assert err["FunctionError"] == "Unhandled"
@@ -90,6 +98,7 @@ def test_update_configuration_and_code_take_effect_immediately(lam) -> None:
 
 def test_update_with_stale_revision_is_refused(lam) -> None:
     create(lam, "rev", HELLO)
+    lam.get_waiter("function_active_v2").wait(FunctionName="rev", WaiterConfig={"Delay": 1})
     with pytest.raises(ClientError) as exc:
         lam.update_function_configuration(FunctionName="rev", Timeout=5, RevisionId="not-the-revision")
     assert exc.value.response["Error"]["Code"] == "PreconditionFailedException"
@@ -137,8 +146,13 @@ def test_create_errors(lam) -> None:
     with pytest.raises(lam.exceptions.InvalidParameterValueException) as exc:
         create(lam, "badrt", HELLO, Runtime="java21")
     assert "runtime" in str(exc.value)
-    with pytest.raises(lam.exceptions.InvalidParameterValueException):
-        create(lam, "badmem", HELLO, MemorySize=100000)
+    with pytest.raises(ClientError) as exc:  # Lambda's own limit, above the model's
+        create(lam, "badmem", HELLO, MemorySize=20000)
+    assert exc.value.response["Error"] == {
+        "Code": "ValidationException",
+        "Message": "'MemorySize' value failed to satisfy constraint: "
+        "Member must have value less than or equal to 10240",
+    }
     with pytest.raises(lam.exceptions.InvalidParameterValueException):
         create(lam, "badenv", HELLO, Environment={"Variables": {"AWS_REGION": "x"}})
     with pytest.raises(lam.exceptions.InvalidParameterValueException) as exc:

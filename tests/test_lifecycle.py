@@ -27,6 +27,7 @@ def test_definitions_and_code_survive_a_restart(tmp_path: Path) -> None:
     lam = srv.client()
     create(lam, "keep", IDENTITY, MemorySize=256, Environment={"Variables": {"K": "V"}})
     lam.put_function_concurrency(FunctionName="keep", ReservedConcurrentExecutions=5)
+    lam.get_waiter("function_active_v2").wait(FunctionName="keep")  # the settled RevisionId is the stored one
     before = lam.get_function(FunctionName="keep")
     assert srv.stop() == 0
 

@@ -246,7 +246,7 @@ with zipfile.ZipFile(buf, "w") as z:
     z.writestr("app.py", "import time\ndef handler(e, c):\n    time.sleep(e.get('s', 0))\n    return 1\n")
 for i in range(5):
     env = {"Variables": {"PYTHONDONTWRITEBYTECODE": "1"}} if i % 2 else {"Variables": {}}  # odd: not pooled
-    lam.create_function(FunctionName=f"f{i}", Runtime="python3.12", Role="arn:aws:iam::1:role/x",
+    lam.create_function(FunctionName=f"f{i}", Runtime="python3.12", Role="arn:aws:iam::000000000000:role/x",
                         Handler="app.handler", Code={"ZipFile": buf.getvalue()}, Environment=env, Timeout=60)
     assert json.loads(lam.invoke(FunctionName=f"f{i}", Payload=b"{}")["Payload"].read()) == 1
 def busy():

@@ -9,14 +9,19 @@ from __future__ import annotations
 
 import base64
 import binascii
+import hashlib
+import os
 import re
 import sys
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Protocol
 
+import orjson
+
+from ember.api import validate
 from ember.api.credentials import RoleCredentials
 from ember.api.errors import LambdaError, conflict, invalid, not_found
 from ember.core.assignment import reservation_error
@@ -41,7 +46,15 @@ RESERVED_ENV = frozenset(
 )  # fmt: skip
 NAME_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 MAX_ENV_BYTES = 4096
+MAX_MEMORY_MB = 10240
+MAX_TIMEOUT_S = 900
 MAX_ZIP_BYTES = 50 * 1024 * 1024  # Lambda's limit for a direct upload
+
+
+# How long a change stays in Lambda's transitional states (Pending after CreateFunction, InProgress
+# after an update) before it settles; EMBER_SETTLE_S sets it (tests lengthen it).
+SETTLE_S = float(os.environ.get("EMBER_SETTLE_S", "0.1"))
+CREATING = "The function is being created."
 
 
 @dataclass(slots=True)
@@ -49,6 +62,7 @@ class Settings:
     region: str = "us-east-1"
     account_id: str = "000000000000"
     endpoint: str = "http://127.0.0.1:9000"
+    settle_s: float = field(default_factory=lambda: SETTLE_S)
     role_credentials: RoleCredentials | None = None  # what a function's role gets (ember.api.credentials)
 
     @classmethod
@@ -75,6 +89,9 @@ class ControlPlane:
         self.listeners: list[FunctionListener] = []
         self.functions: dict[str, FunctionRecord] = {}
         self.event_configs: dict[str, tuple[dict[str, Any], float]] = store.load_event_configs()
+        # name -> (monotonic time it settles, "create" or "update"); in memory only: a restarted
+        # ember, or another cluster process, sees every function settled
+        self.transitions: dict[str, tuple[float, str]] = {}
         for rec in store.load_all():
             self._publish(rec)
         store.gc_code({r.code_sha256 for r in self.functions.values()})
@@ -95,44 +112,97 @@ class ControlPlane:
         s = self.settings
         return f"arn:aws:lambda:{s.region}:{s.account_id}:function:{name}"
 
-    def resolve(self, raw: str, qualifier: str | None = None) -> FunctionRecord:
-        """A function by name, full ARN, partial ARN (ACCOUNT:function:NAME) or NAME:QUALIFIER.
-        Only $LATEST exists (no versions or aliases yet)."""
-        name, qual = raw, None
-        if raw.startswith("arn:"):
-            parts = raw.split(":")
-            if len(parts) not in (7, 8) or parts[2] != "lambda" or parts[5] != "function":
-                raise invalid(f"Invalid function ARN: {raw}")
-            name, qual = parts[6], (parts[7] if len(parts) == 8 else None)
-        elif ":function:" in raw:
-            parts = raw.split(":")
-            if len(parts) not in (3, 4):
-                raise invalid(f"Invalid function name: {raw}")
-            name, qual = parts[2], (parts[3] if len(parts) == 4 else None)
-        elif ":" in raw:
-            name, _, qual = raw.partition(":")
+    def resolve(self, raw: str, qualifier: str | None = None, op: str = "get") -> FunctionRecord:
+        """A function by name, full ARN, partial ARN (ACCOUNT:function:NAME) or NAME:QUALIFIER, checked
+        as Lambda checks it. Only $LATEST exists (no versions or aliases yet). `op` words the answers
+        as Lambda words them for that operation ("get", "invoke", "delete")."""
+        ref = validate.check_ref(raw, qualifier)
+        s = self.settings
+        if ref.region is not None and ref.region != s.region:
+            raise LambdaError(
+                404,
+                "ResourceNotFoundException",
+                f"Functions from '{ref.region}' are not reachable in this region ('{s.region}')",
+            )
+        if ref.account is not None and ref.account != s.account_id:
+            raise LambdaError(403, "AccessDeniedException", "")
+        qual = ref.qualifier
         if qualifier is not None:
             if qual is not None and qual != qualifier:
                 raise invalid(
                     "The derived qualifier from the function name does not match the specified qualifier."
                 )
             qual = qualifier
-        if not NAME_RE.match(name):
-            raise invalid(f"Invalid function name: {raw}")
-        rec = self.functions.get(name)
+        base = self.arn(ref.name)
+        if op == "delete" and qual is not None and qual != "$LATEST":
+            if "$" in qual:  # "$latest": Lambda names the function itself
+                raise not_found("Function", ref.name, base)
+            if not qual.isdigit():
+                raise invalid("Deletion of aliases is not currently supported.")
+        rec = self.functions.get(ref.name)
         if rec is None or (qual is not None and qual != "$LATEST"):
-            suffix = f":{qual}" if qual else ""
-            raise not_found("Function", name, self.arn(name) + suffix)
+            if qual is not None and not (op == "delete" and qual == "$LATEST"):
+                base += f":{qual}"
+            elif op == "invoke":
+                base += ":$LATEST"
+            raise not_found("Function", ref.name, base)
         return rec
+
+    # ------------------------------------------------------------------ states
+
+    def _transition(self, name: str) -> str | None:
+        """"create" while a new function is Pending, "update" while an update is InProgress, else None."""
+        found = self.transitions.get(name)
+        if found is None:
+            return None
+        until, kind = found
+        if time.monotonic() >= until:
+            del self.transitions[name]
+            return None
+        return kind
+
+    def pending_for(self, name: str) -> float:
+        """Seconds until a function just created becomes Active (0 once it is)."""
+        if self._transition(name) != "create":
+            return 0.0
+        return max(0.0, self.transitions[name][0] - time.monotonic())
+
+    def revision_id(self, rec: FunctionRecord) -> str:
+        """The RevisionId callers see: a transitional one until the change settles, then the stored
+        one (so it changes when a function settles, as Lambda's does)."""
+        if self._transition(rec.name) is None:
+            return rec.revision_id
+        return str(uuid.uuid5(uuid.NAMESPACE_OID, f"{rec.revision_id}/transition"))
+
+    def _begin(self, name: str, kind: str) -> None:
+        if self.settings.settle_s > 0:
+            self.transitions[name] = (time.monotonic() + self.settings.settle_s, kind)
+
+    def _check_settled(self, rec: FunctionRecord) -> None:
+        """Lambda refuses a change while the previous one is still being applied."""
+        kind = self._transition(rec.name)
+        if kind == "update":
+            raise conflict(
+                "The operation cannot be performed at this time. An update is in progress for resource: "
+                f"{self.arn(rec.name)}"
+            )
+        if kind == "create":
+            raise conflict(
+                "The operation cannot be performed at this time. The function is currently in the "
+                "following state: Pending"
+            )
 
     # ------------------------------------------------------------------ shapes
 
     def configuration(self, rec: FunctionRecord) -> dict[str, Any]:
+        """FunctionConfiguration with every member Lambda returns for a Zip function."""
         c = rec.config
+        region = self.settings.region
+        runtime = c["Runtime"]
         out: dict[str, Any] = {
             "FunctionName": rec.name,
             "FunctionArn": self.arn(rec.name),
-            "Runtime": c["Runtime"],
+            "Runtime": runtime,
             "Role": c["Role"],
             "Handler": c.get("Handler", ""),
             "CodeSize": rec.code_size,
@@ -142,16 +212,31 @@ class ControlPlane:
             "LastModified": rec.last_modified,
             "CodeSha256": rec.code_sha256_b64,
             "Version": "$LATEST",
-            "TracingConfig": {"Mode": "PassThrough"},
-            "RevisionId": rec.revision_id,
-            "State": "Active",
-            "LastUpdateStatus": "Successful",
+            "TracingConfig": {"Mode": c.get("TracingConfig", {}).get("Mode", "PassThrough")},
+            "RevisionId": self.revision_id(rec),
             "PackageType": "Zip",
             "Architectures": c.get("Architectures", ["x86_64"]),
-            "EphemeralStorage": {"Size": 512},
-            "LoggingConfig": {"LogFormat": "Text", "LogGroup": f"/aws/lambda/{rec.name}"},
+            "EphemeralStorage": {"Size": c.get("EphemeralStorage", {}).get("Size", 512)},
+            "SnapStart": {"ApplyOn": c.get("SnapStart", {}).get("ApplyOn", "None"), "OptimizationStatus": "Off"},
+            "RuntimeVersionConfig": {
+                "RuntimeVersionArn": f"arn:aws:lambda:{region}::runtime:"
+                + hashlib.sha256(runtime.encode()).hexdigest()
+            },
+            "LoggingConfig": {"LogFormat": "Text", "LogGroup": f"/aws/lambda/{rec.name}", **c.get("LoggingConfig", {})},
         }
-        if c.get("Environment"):
+        kind = self._transition(rec.name)
+        if kind == "create":
+            out.update(State="Pending", StateReason=CREATING, StateReasonCode="Creating")
+        elif kind == "update":
+            out.update(
+                State="Active",
+                LastUpdateStatus="InProgress",
+                LastUpdateStatusReason=CREATING,
+                LastUpdateStatusReasonCode="Creating",
+            )
+        else:
+            out.update(State="Active", LastUpdateStatus="Successful")
+        if "Environment" in c:
             out["Environment"] = {"Variables": c["Environment"]}
         if c.get("DeadLetterConfig"):
             out["DeadLetterConfig"] = c["DeadLetterConfig"]
@@ -172,11 +257,20 @@ class ControlPlane:
     # ------------------------------------------------------------------ operations
 
     def create(self, body: dict[str, Any]) -> FunctionRecord:
-        name = body.get("FunctionName")
-        if not isinstance(name, str) or not NAME_RE.match(name):
-            raise invalid("FunctionName must match [A-Za-z0-9_-]{1,64}")
-        if not isinstance(body.get("Role"), str) or not body["Role"]:
-            raise invalid("Role is required")
+        ref = validate.check_create_name(body.get("FunctionName"))
+        s = self.settings
+        if ref.region is not None and ref.region != s.region:
+            raise LambdaError(
+                404,
+                "ResourceNotFoundException",
+                f"Functions from '{ref.region}' are not reachable in this region ('{s.region}')",
+            )
+        if ref.account is not None and ref.account != s.account_id:
+            raise LambdaError(403, "AccessDeniedException", "")
+        name = ref.name
+        problems = validate.Problems()
+        validate.check_role(body.get("Role"), problems)
+        problems.raise_if_any()
         if body.get("PackageType", "Zip") != "Zip":
             raise invalid("ember runs Zip packages only (PackageType Image is not supported)")
         config: dict[str, Any] = {"Role": body["Role"], "MemorySize": 128, "Timeout": 3, "Description": ""}
@@ -192,24 +286,38 @@ class ControlPlane:
         rec = FunctionRecord(name, config, sha, size, 1, str(uuid.uuid4()), now_iso(), None)
         self.store.insert(rec)
         self._publish(rec)
+        self._begin(name, "create")
         return rec
 
     def update_configuration(self, rec: FunctionRecord, body: dict[str, Any]) -> FunctionRecord:
-        self._check_revision(rec, body)
         config = dict(rec.config)
         self._apply_config(config, body, creating=False)
-        return self._commit(rec, config=config)
+        self._check_settled(rec)
+        self._check_revision(rec, body)
+        new = self._commit(rec, config=config)
+        self._begin(new.name, "update")
+        return new
 
     def update_code(self, rec: FunctionRecord, body: dict[str, Any]) -> FunctionRecord:
+        config = None
+        if "Architectures" in body:  # UpdateFunctionCode carries the architecture the code is built for
+            problems = validate.Problems()
+            validate.check_architectures(body["Architectures"], problems)
+            problems.raise_if_any()
+            config = {**rec.config, "Architectures": body["Architectures"]}
+        self._check_settled(rec)
         self._check_revision(rec, body)
         if body.get("DryRun"):
             return rec
         sha, size = self._store_code(body)
-        return self._commit(rec, code=(sha, size))
+        new = self._commit(rec, config=config, code=(sha, size))
+        self._begin(new.name, "update")
+        return new
 
     def delete(self, rec: FunctionRecord) -> None:
         self.store.delete(rec.name)
         del self.functions[rec.name]
+        self.transitions.pop(rec.name, None)
         self.event_configs.pop(rec.name, None)
         for listener in self.listeners:
             listener.function_deleted(rec.name)
@@ -260,7 +368,7 @@ class ControlPlane:
             raise LambdaError(
                 404,
                 "ResourceNotFoundException",
-                f"The function {self.arn(rec.name)} doesn't have an EventInvokeConfig",
+                f"The function {self.arn(rec.name)}:$LATEST doesn't have an EventInvokeConfig",
             )
         config, modified = found
         return {"LastModified": modified, "FunctionArn": f"{self.arn(rec.name)}:$LATEST", **config}
@@ -402,10 +510,9 @@ class ControlPlane:
         self._publish(new)
         return new
 
-    @staticmethod
-    def _check_revision(rec: FunctionRecord, body: dict[str, Any]) -> None:
+    def _check_revision(self, rec: FunctionRecord, body: dict[str, Any]) -> None:
         wanted = body.get("RevisionId")
-        if wanted is not None and wanted != rec.revision_id:
+        if wanted is not None and wanted != self.revision_id(rec):
             raise LambdaError(
                 412,
                 "PreconditionFailedException",
@@ -427,55 +534,70 @@ class ControlPlane:
             raise invalid("ZipFile must be base64-encoded") from exc
         if len(zip_bytes) > MAX_ZIP_BYTES:
             raise LambdaError(
-                413,
-                "RequestEntityTooLargeException",
-                f"Request must be smaller than {MAX_ZIP_BYTES} bytes for the CreateFunction operation",
+                413, "RequestEntityTooLargeException", f"Zipped size must be smaller than {MAX_ZIP_BYTES} bytes"
             )
         return self.store.put_code(zip_bytes)
 
     @staticmethod
     def _apply_config(config: dict[str, Any], body: dict[str, Any], creating: bool) -> None:
+        """Check every member as Lambda does (one ValidationException naming all that fail), then
+        apply them."""
+        problems = validate.Problems()
+        if "Role" in body and not creating:
+            validate.check_role(body["Role"], problems)
+        if "Handler" in body:
+            validate.check_handler(body["Handler"], problems)
+        if "Description" in body:
+            validate.check_description(body["Description"], problems)
+        if "MemorySize" in body:  # the model's bounds, then the service's limit (below)
+            validate.int_range(body["MemorySize"], "memorySize", 128, 32768, problems)
+        if "Timeout" in body:
+            validate.int_range(body["Timeout"], "timeout", 1, 5400, problems)
+        if "Architectures" in body:
+            validate.check_architectures(body["Architectures"], problems)
+        if "EphemeralStorage" in body:
+            size = body["EphemeralStorage"].get("Size") if isinstance(body["EphemeralStorage"], dict) else None
+            validate.int_range(size, "ephemeralStorage.size", 512, 10240, problems)
+        if "TracingConfig" in body:
+            mode = body["TracingConfig"].get("Mode") if isinstance(body["TracingConfig"], dict) else None
+            if mode not in ("Active", "PassThrough"):
+                problems.add(mode, "tracingConfig.mode", "Member must satisfy enum value set: [Active, PassThrough]")
+        if "SnapStart" in body:
+            apply_on = body["SnapStart"].get("ApplyOn") if isinstance(body["SnapStart"], dict) else None
+            if apply_on not in ("PublishedVersions", "None"):
+                problems.add(
+                    apply_on, "snapStart.applyOn", "Member must satisfy enum value set: [PublishedVersions, None]"
+                )
+        if "LoggingConfig" in body:
+            validate.check_logging(body["LoggingConfig"], problems)
+        problems.raise_if_any()
+        validate.check_limit(body.get("MemorySize"), "MemorySize", MAX_MEMORY_MB)
+        validate.check_limit(body.get("Timeout"), "Timeout", MAX_TIMEOUT_S)
         if "Runtime" in body:
             runtime = body["Runtime"]
             if runtime not in RUNTIMES:
+                if runtime in validate.DEPRECATED_RUNTIMES:
+                    raise validate.deprecated_runtime_error(runtime)
+                if runtime not in validate.KNOWN_RUNTIMES:
+                    raise validate.runtime_error(runtime)
                 raise invalid(
-                    f"Value {runtime} at 'runtime' failed to satisfy constraint: ember supports "
+                    f"Value {runtime} at 'runtime' failed to satisfy constraint: ember runs "
                     f"{', '.join(RUNTIMES)}"
                 )
             config["Runtime"] = runtime
-        if "Handler" in body:
-            handler = body["Handler"]
-            if not isinstance(handler, str) or not 0 < len(handler) <= 128:
-                raise invalid("Handler must be a string of 1 to 128 characters")
-            config["Handler"] = handler
+        for key in ("Handler", "Description", "MemorySize", "Timeout", "Architectures"):
+            if key in body:
+                config[key] = body[key]
         if "Role" in body and not creating:
             config["Role"] = body["Role"]
-        if "Description" in body:
-            desc = body["Description"]
-            if not isinstance(desc, str) or len(desc) > 256:
-                raise invalid("Description must be a string of at most 256 characters")
-            config["Description"] = desc
-        if "MemorySize" in body:
-            mem = body["MemorySize"]
-            if not isinstance(mem, int) or isinstance(mem, bool) or not 128 <= mem <= 10240:
-                raise invalid(
-                    f"Value {mem} at 'memorySize' failed to satisfy constraint: Member must have value "
-                    "greater than or equal to 128 and less than or equal to 10240"
-                )
-            config["MemorySize"] = mem
-        if "Timeout" in body:
-            timeout = body["Timeout"]
-            if not isinstance(timeout, int) or isinstance(timeout, bool) or not 1 <= timeout <= 900:
-                raise invalid(
-                    f"Value {timeout} at 'timeout' failed to satisfy constraint: Member must have value "
-                    "greater than or equal to 1 and less than or equal to 900"
-                )
-            config["Timeout"] = timeout
-        if "Architectures" in body:
-            arch = body["Architectures"]
-            if arch not in (["x86_64"], ["arm64"]):
-                raise invalid("Architectures must be [x86_64] or [arm64]")
-            config["Architectures"] = arch
+        if "EphemeralStorage" in body:
+            config["EphemeralStorage"] = {"Size": body["EphemeralStorage"]["Size"]}
+        if "TracingConfig" in body:
+            config["TracingConfig"] = {"Mode": body["TracingConfig"]["Mode"]}
+        if "SnapStart" in body:
+            config["SnapStart"] = {"ApplyOn": body["SnapStart"]["ApplyOn"]}
+        if "LoggingConfig" in body:
+            config["LoggingConfig"] = validate.merge_logging(config.get("LoggingConfig", {}), body["LoggingConfig"])
         if "Environment" in body:
             env = body["Environment"]
             variables = env.get("Variables", {}) if isinstance(env, dict) else None
@@ -493,10 +615,11 @@ class ControlPlane:
             for key in variables:
                 if not re.match(r"^[a-zA-Z]([a-zA-Z0-9_])*$", key):
                     raise invalid(f"Environment variable name {key!r} is invalid")
-            if sum(len(k) + len(v) for k, v in variables.items()) > MAX_ENV_BYTES:
+            measured = orjson.dumps(variables).decode()
+            if len(measured.encode()) > MAX_ENV_BYTES:
                 raise invalid(
                     "Lambda was unable to configure your environment variables because the "
-                    "environment variables you have provided exceeded the 4KB limit."
+                    f"environment variables you have provided exceeded the 4KB limit. String measured: {measured}"
                 )
             config["Environment"] = variables
         if "DeadLetterConfig" in body:

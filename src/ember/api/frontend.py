@@ -19,6 +19,7 @@ Routes (all under the API's dated prefixes):
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import functools
@@ -44,7 +45,7 @@ from ember.sandbox.process import Outcome, read_bounded
 log = logging.getLogger("ember.api.frontend")
 
 MAX_SYNC_PAYLOAD = 6 * 1024 * 1024  # 6 MB: Lambda's synchronous request limit
-MAX_CONTROL_BODY = 70 * 1024 * 1024  # a 50 MB zip, base64-encoded, plus JSON
+MAX_CONTROL_BODY = 70167211  # Lambda's request limit for CreateFunction (a 50 MB zip, base64-encoded, plus JSON)
 MAX_CLIENT_CONTEXT = 3583
 LIST_MAX_ITEMS = 50
 
@@ -79,10 +80,14 @@ def _json(data: Any, request_id: str, status: int = 200) -> web.Response:
     )
 
 
-async def _body_json(request: web.Request) -> dict[str, Any]:
+async def _body_json(request: web.Request, operation: str = "") -> dict[str, Any]:
     raw = await read_bounded(request, MAX_CONTROL_BODY)
     if raw is None:
-        raise LambdaError(413, "RequestEntityTooLargeException", "Request body too large")
+        raise LambdaError(
+            413,
+            "RequestEntityTooLargeException",
+            f"Request must be smaller than {MAX_CONTROL_BODY} bytes for the {operation or 'requested'} operation",
+        )
     if not raw:
         return {}
     try:
@@ -145,11 +150,14 @@ class Frontend:
             raise LambdaError(503, "ServiceException", "ember is shutting down")
         headers = request.headers
         try:
-            rec = self.control.resolve(request.match_info["name"], request.query.get("Qualifier"))
+            rec = self.control.resolve(request.match_info["name"], request.query.get("Qualifier"), "invoke")
         except LambdaError as exc:  # cluster mode: another frontend may have just created it
             if exc.status != 404 or self.on_unknown is None or not await self.on_unknown(request.match_info["name"]):
                 raise
-            rec = self.control.resolve(request.match_info["name"], request.query.get("Qualifier"))
+            rec = self.control.resolve(request.match_info["name"], request.query.get("Qualifier"), "invoke")
+        pending = self.control.pending_for(rec.name)
+        if pending > 0:  # ember is ready at once: an invoke while Pending waits out the state's short window
+            await asyncio.sleep(pending)
         kind = headers.get("X-Amz-Invocation-Type", "RequestResponse")
         if kind not in ("RequestResponse", "DryRun", "Event"):
             raise invalid(f"Invalid InvocationType {kind!r}: expected RequestResponse, Event or DryRun")
@@ -201,7 +209,7 @@ class Frontend:
     # ------------------------------------------------------------------ control plane
 
     async def create(self, request: web.Request, request_id: str) -> web.StreamResponse:
-        rec = self.control.create(await _body_json(request))
+        rec = self.control.create(await _body_json(request, "CreateFunction"))
         await self._changed(rec.name)
         return _json(self.control.configuration(rec), request_id, 201)
 
@@ -240,20 +248,20 @@ class Frontend:
         return _json(self.control.configuration(rec), request_id)
 
     async def delete(self, request: web.Request, request_id: str) -> web.StreamResponse:
-        rec = self.control.resolve(request.match_info["name"], request.query.get("Qualifier"))
+        rec = self.control.resolve(request.match_info["name"], request.query.get("Qualifier"), "delete")
         self.control.delete(rec)
         await self._changed(rec.name)
         return web.Response(status=204, headers={"x-amzn-RequestId": request_id})
 
     async def update_configuration(self, request: web.Request, request_id: str) -> web.StreamResponse:
         rec = self.control.resolve(request.match_info["name"])
-        rec = self.control.update_configuration(rec, await _body_json(request))
+        rec = self.control.update_configuration(rec, await _body_json(request, "UpdateFunctionConfiguration"))
         await self._changed(rec.name)
         return _json(self.control.configuration(rec), request_id)
 
     async def update_code(self, request: web.Request, request_id: str) -> web.StreamResponse:
         rec = self.control.resolve(request.match_info["name"])
-        rec = self.control.update_code(rec, await _body_json(request))
+        rec = self.control.update_code(rec, await _body_json(request, "UpdateFunctionCode"))
         await self._changed(rec.name)
         return _json(self.control.configuration(rec), request_id)
 
@@ -299,7 +307,18 @@ class Frontend:
         return _json(self.control.put_event_config(rec, await _body_json(request), merge=True), request_id)
 
     async def get_event_config(self, request: web.Request, request_id: str) -> web.StreamResponse:
-        return _json(self.control.event_config(self._eic_function(request)), request_id)
+        try:
+            rec = self._eic_function(request)
+        except LambdaError as exc:  # Lambda names what has no config, whether or not the function exists
+            if not exc.message.startswith("Function not found: "):
+                raise
+            arn = exc.message.removeprefix("Function not found: ")
+            if arn.count(":") == 6:
+                arn += ":$LATEST"
+            raise LambdaError(
+                404, "ResourceNotFoundException", f"The function {arn} doesn't have an EventInvokeConfig"
+            ) from None
+        return _json(self.control.event_config(rec), request_id)
 
     async def delete_event_config(self, request: web.Request, request_id: str) -> web.StreamResponse:
         self.control.delete_event_config(self._eic_function(request))

@@ -405,8 +405,7 @@ _ZIP: Json = {"type": "string", "format": "byte", "description": "The zip, base6
 SCHEMAS: Json = {
     "Error": {
         "type": "object",
-        "properties": {"Type": _STR, "message": _STR, "Reason": _STR},
-        "required": ["message"],
+        "properties": {"Type": _STR, "Message": _STR, "message": _STR, "Reason": _STR},
     },
     "FunctionConfiguration": {
         "type": "object",

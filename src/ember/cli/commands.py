@@ -70,6 +70,16 @@ def _parse_env(pairs: list[str]) -> dict[str, str]:
     return env
 
 
+def _settled(client: Client, name: str, timeout_s: float = 60.0) -> None:
+    """Wait until the function's last update is no longer InProgress (Lambda refuses another)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        conf = client.call("get_function_configuration", FunctionName=name)
+        if conf.get("LastUpdateStatus") != "InProgress":
+            return
+        time.sleep(0.05)
+
+
 def _upload(client: Client, operation: str, size: int, **params: Any) -> dict[str, Any]:
     """Call `operation`, with a progress bar on stderr while a large request body is sent."""
     if size < PROGRESS_MIN_BYTES or not sys.stderr.isatty():
@@ -139,6 +149,7 @@ def deploy(
         exists = False
     if exists:
         _upload(client, "update_function_code", size, FunctionName=name, ZipFile=zip_bytes)
+        _settled(client, name)  # as on Lambda, the next update waits for this one
         out = client.call("update_function_configuration", FunctionName=name, **config)
         verb = "updated"
     else:
