@@ -44,10 +44,19 @@ LTL_DEPTH = "-m1000000"     # nested DFS with fairness goes deep
 
 
 def bounds(nr: int = 2, lf: int = 0, wf: int = 0, drop: int = 0, early: int = 0,
-           election: bool = False) -> list[str]:
-    """-D flags for the model's bounds (see README "Bounds")."""
+           election: bool = False, evict: int = 0, prewarm: int = 0,
+           no_evict_check: bool = False) -> list[str]:
+    """-D flags for the model's bounds (see README "Bounds").  `evict` and
+    `prewarm` bound the leader's policy actions (R13, R14); 0 leaves them out,
+    so the runs without them explore exactly the states they did before."""
     flags = [f"-DNR={nr}", f"-DMAX_LFAULT={lf}", f"-DMAX_WFAULT={wf}",
              f"-DMAX_DROP={drop}", f"-DMAX_EARLY={early}"]
+    if evict:
+        flags.append(f"-DMAX_EVICT={evict}")
+    if prewarm:
+        flags.append(f"-DMAX_PREWARM={prewarm}")
+    if no_evict_check:
+        flags.append("-DNO_EVICT_CHECK")
     if election:
         flags.append("-DINITIAL_ELECTION")
     return flags
@@ -56,14 +65,15 @@ def bounds(nr: int = 2, lf: int = 0, wf: int = 0, drop: int = 0, early: int = 0,
 @dataclasses.dataclass(frozen=True)
 class Run:
     name: str
-    kind: str                 # "property" (expect no error) or "mutant" (expect a trail)
+    kind: str                 # "property" (expect no error), "mutant" (expect a trail), or
+                              # "finding" (a known flaw of the protocol: expect its trail)
     checks: str               # what it checks, for the report
     defines: tuple[str, ...]
     pan_args: tuple[str, ...]
 
     @property
     def expect_error(self) -> bool:
-        return self.kind == "mutant"
+        return self.kind in ("mutant", "finding")
 
     def commands(self) -> list[str]:
         d = " ".join(self.defines)
@@ -82,18 +92,20 @@ def _ltl(name: str, claim: str, checks: str, fair: bool = False, **kw) -> Run:
     return Run(name, "property", checks, tuple(LTL + bounds(**kw)), tuple(args))
 
 
-def _mutant(name: str, flag: str, checks: str, claim: str | None = None,
-            fair: bool = False, **kw) -> Run:
+def _mutant(name: str, flag: str | None, checks: str, claim: str | None = None,
+            fair: bool = False, kind: str = "mutant", **kw) -> Run:
+    flags = [f"-D{flag}"] if flag else []
     if claim is None:
-        defines = [f"-D{flag}", *SAFETY, *bounds(**kw)]
+        defines = [*flags, *SAFETY, *bounds(**kw)]
         args = ["-m10000", HASH_BITS]
     else:
-        defines = [f"-D{flag}", *LTL, *bounds(**kw)]
+        defines = [*flags, *LTL, *bounds(**kw)]
         args = [LTL_DEPTH, HASH_BITS, "-a"] + (["-f"] if fair else []) + ["-N", claim]
-    return Run(name, "mutant", checks, tuple(defines), tuple(args))
+    return Run(name, kind, checks, tuple(defines), tuple(args))
 
 
 SAFE = "(a) (b) (c) (d) (f)"
+POLICY = "(a) (b) (c) (d) (f) (g) (h) (i)"
 RUNS: list[Run] = [
     # ---- safety (a)-(d): exhaustive, one run per fault combination ----------
     _safety("safety-nr3-early", SAFE + " 3 requests, 1 early timer", nr=3, early=1),
@@ -139,6 +151,24 @@ RUNS: list[Run] = [
          nr=2, early=1, drop=1),
     _ltl("ltl-live-nr2-early-drop", "p_live", "liveness, early timer + 1 drop",
          nr=2, early=1, drop=1),
+    # ---- eviction (R13) and pre-warm (R14): (g) (h) (i) ----------------------
+    _safety("safety-nr3-evict-prewarm", POLICY + " 3 requests, 2 evictions + pre-warm",
+            nr=3, evict=2, prewarm=1),
+    _safety("safety-nr3-evict-leader", POLICY + " 3 requests, eviction + pre-warm + leader fault",
+            nr=3, lf=1, evict=1, prewarm=1),
+    _safety("safety-nr2-evict-all", POLICY + " 2 requests, eviction + pre-warm + leader + worker + drop",
+            nr=2, lf=1, wf=1, drop=1, evict=1, prewarm=1),
+    # with an early timer (h) does not hold (F7, the finding runs below): this
+    # run checks everything else, (g) above all, with DESTROYs racing INVOKEs
+    _safety("safety-nr2-early-evict", "(a) (b) (c) (d) (f) (g) (i) 2 requests, early timer + "
+            "eviction + pre-warm, (h) left out (F7)",
+            nr=2, early=1, evict=1, prewarm=1, no_evict_check=True),
+    _ltl("ltl-noleak-nr2-evict-drop", "p_noleak", "(e) with eviction + pre-warm, leader fault + drop",
+         nr=2, lf=1, drop=1, evict=1, prewarm=1),
+    _ltl("ltl-live-nr2-evict-drop", "p_live", "liveness with eviction + pre-warm, leader fault + drop",
+         nr=2, lf=1, drop=1, evict=1, prewarm=1),
+    _ltl("ltl-live-ok-nr2-prewarm", "p_live_ok", "liveness-ok with pre-warm (no eviction: it burns ids)",
+         nr=2, lf=1, drop=1, prewarm=1),
     # ---- mutants: each must yield a counterexample -------------------------
     _mutant("mutant-no-fencing", "MUTANT_NO_FENCING", "(d) fencing", nr=2, lf=1),
     _mutant("mutant-accept-busy", "MUTANT_ACCEPT_BUSY", "(a) one invocation per sandbox",
@@ -164,6 +194,21 @@ RUNS: list[Run] = [
             claim="p_live", nr=2, drop=1),
     _mutant("mutant-no-full-probe", "MUTANT_NO_FULL_PROBE", "(e) no leak (F5)",
             claim="p_noleak", nr=2, early=1, drop=1),
+    _mutant("mutant-destroy-any", "MUTANT_DESTROY_ANY", "(g) no invocation lost to a DESTROY",
+            nr=2, early=1, evict=1, no_evict_check=True),
+    _mutant("mutant-evict-granted", "MUTANT_EVICT_GRANTED", "(h) no eviction of a busy or leased sandbox",
+            nr=2, evict=1),
+    _mutant("mutant-prewarm-herd", "MUTANT_PREWARM_HERD", "(i) herd bound",
+            nr=2, prewarm=1),
+    # ---- findings: flaws of the protocol as it stands (README, F7) ----------
+    # The unmutated model gives these counterexamples; they stay here so the
+    # trail is one command away, and turn into property runs once F7 is fixed.
+    _mutant("finding-f7-evict-after-early-probe", None,
+            "(h) broken: an early probe's stale 'idle' lets the leader evict a sandbox "
+            "whose INVOKE is in flight", nr=2, early=1, evict=1, kind="finding"),
+    _mutant("finding-f7-concurrency", None,
+            "(b) broken the same way: the evicted sandbox runs, two cold starts refill",
+            nr=3, early=1, evict=1, no_evict_check=True, kind="finding"),
 ]
 BY_NAME = {r.name: r for r in RUNS}
 
@@ -192,6 +237,8 @@ class Result:
     def verdict(self) -> str:
         if self.errors is None:
             return "BROKEN"
+        if self.run.kind == "finding":
+            return "FINDING (trail)" if self.errors > 0 else "GONE (fixed?)"
         if self.run.expect_error:
             return "KILLED (trail)" if self.errors > 0 else "SURVIVED"
         if self.errors > 0:
