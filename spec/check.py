@@ -10,7 +10,7 @@ Usage:
 
 Each run is built in a fresh temporary directory (never in the repository):
     spin -a <defines> ember.pml
-    gcc -O2 -w <defines> -DMEMLIM=<MB> -o pan pan.c
+    gcc -O1 -w <defines> -DMEMLIM=<MB> -o pan pan.c     (SPIN_OPT=-O2 to change)
     ./pan <args>
 A property run passes when pan reports "errors: 0" after a *complete*
 exhaustive search; a mutant run passes when pan finds a counterexample
@@ -30,6 +30,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -37,6 +38,10 @@ SPEC_DIR = Path(__file__).resolve().parent
 MODEL = SPEC_DIR / "ember.pml"
 
 MEMLIM_MB = 3000            # per pan process; two run in parallel
+# gcc -O1, not -O2: on the loaded 2-core machine gcc -O2 took 59 s for one
+# pan.c and -O1 6.4 s (README "Measured with eviction"); pan itself is only a
+# little slower, and the compile is most of the suite's time.
+OPT = os.environ.get("SPIN_OPT", "-O1")
 HASH_BITS = "-w25"          # 2^25 slots; the largest run stores ~8.5M states
 SAFETY = ["-DSAFETY", "-DNOCLAIM"]   # assertions + invalid end states
 LTL = ["-DNFAIR=3"]
@@ -78,7 +83,7 @@ class Run:
     def commands(self) -> list[str]:
         d = " ".join(self.defines)
         return [f"spin -a {d} ember.pml",
-                f"gcc -O2 -w {d} -DMEMLIM={MEMLIM_MB} -o pan pan.c",
+                f"gcc {OPT} -w {d} -DMEMLIM={MEMLIM_MB} -o pan pan.c",
                 "./pan " + " ".join(self.pan_args)]
 
 
@@ -262,22 +267,66 @@ def _trail_events(workdir: Path, run: Run) -> str:
     return "\n".join(keep)
 
 
-def run_one(run: Run, timeout: float = 900.0, want_trail: bool = False) -> Result:
+class Builds:
+    """pan binaries by defines: runs that differ only in pan's arguments (the LTL runs of one
+    bound, one per claim) compile once.  Built in a temp dir that `close` removes."""
+
+    def __init__(self) -> None:
+        self._tmp = tempfile.TemporaryDirectory(prefix="ember-pan-")
+        self._lock = threading.Lock()
+        self._built: dict[tuple[str, ...], tuple[threading.Lock, list]] = {}
+
+    def pan(self, defines: tuple[str, ...]) -> tuple[Path | None, str]:
+        with self._lock:
+            entry = self._built.setdefault(defines, (threading.Lock(), []))
+        lock, out = entry
+        with lock:
+            if not out:
+                out.append(_build(defines, Path(tempfile.mkdtemp(dir=self._tmp.name))))
+        return out[0]
+
+    def close(self) -> None:
+        self._tmp.cleanup()
+
+
+def _build(defines: tuple[str, ...], wd: Path) -> tuple[Path | None, str]:
+    shutil.copy(MODEL, wd / "ember.pml")
+    steps = [
+        ["spin", "-a", *defines, "ember.pml"],
+        ["gcc", OPT, "-w", *defines, f"-DMEMLIM={MEMLIM_MB}", "-o", "pan", "pan.c"],
+    ]
+    for cmd in steps:
+        p = subprocess.run(cmd, cwd=wd, capture_output=True, text=True, timeout=600)
+        if p.returncode != 0:
+            return None, f"{cmd[0]} failed: {p.stdout[-2000:]}{p.stderr[-2000:]}"
+    return wd / "pan", ""
+
+
+def run_one(run: Run, timeout: float = 900.0, want_trail: bool = False,
+            builds: Builds | None = None) -> Result:
     res = Result(run)
     t0 = time.monotonic()
+    own = builds is None
+    if own:
+        builds = Builds()
+    try:
+        return _run_one(run, timeout, want_trail, builds, res, t0)
+    finally:
+        if own:
+            builds.close()
+
+
+def _run_one(run: Run, timeout: float, want_trail: bool, builds: Builds, res: Result,
+             t0: float) -> Result:
     with tempfile.TemporaryDirectory(prefix="ember-spin-") as tmp:
         wd = Path(tmp)
         shutil.copy(MODEL, wd / "ember.pml")
-        steps = [
-            ["spin", "-a", *run.defines, "ember.pml"],
-            ["gcc", "-O2", "-w", *run.defines, f"-DMEMLIM={MEMLIM_MB}", "-o", "pan", "pan.c"],
-        ]
-        for cmd in steps:
-            p = subprocess.run(cmd, cwd=wd, capture_output=True, text=True, timeout=300)
-            if p.returncode != 0:
-                res.message = f"{cmd[0]} failed: {p.stdout[-2000:]}{p.stderr[-2000:]}"
-                res.wall_seconds = time.monotonic() - t0
-                return res
+        pan, err = builds.pan(run.defines)
+        if pan is None:
+            res.message = err
+            res.wall_seconds = time.monotonic() - t0
+            return res
+        shutil.copy(pan, wd / "pan")
         try:
             p = subprocess.run(["./pan", *run.pan_args], cwd=wd, capture_output=True,
                                text=True, timeout=timeout)
@@ -310,13 +359,17 @@ def run_one(run: Run, timeout: float = 900.0, want_trail: bool = False) -> Resul
 def run_all(runs: list[Run], jobs: int = 2, want_trail: bool = False,
             report=None) -> list[Result]:
     results: dict[str, Result] = {}
-    with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, jobs)) as ex:
-        futs = {ex.submit(run_one, r, want_trail=want_trail): r for r in runs}
-        for f in concurrent.futures.as_completed(futs):
-            res = f.result()
-            results[res.run.name] = res
-            if report:
-                report(res)
+    builds = Builds()
+    try:
+        with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, jobs)) as ex:
+            futs = {ex.submit(run_one, r, want_trail=want_trail, builds=builds): r for r in runs}
+            for f in concurrent.futures.as_completed(futs):
+                res = f.result()
+                results[res.run.name] = res
+                if report:
+                    report(res)
+    finally:
+        builds.close()
     return [results[r.name] for r in runs]
 
 
