@@ -930,7 +930,8 @@ init {
 }
 
 /* =====================================================================
- * Properties (LTL).  Safety (a)-(d) and (f) are the asserts above.
+ * Properties (LTL).  Safety (a)-(d) and (f)-(i) are the asserts above:
+ * (g) at w_destroy, (h) at a_evict, (i) in herd_check.
  * ===================================================================== */
 #define DONE(r) (fst[r] == F_OK || fst[r] == F_ERR || fst[r] == F_THR)
 #if NR == 3
