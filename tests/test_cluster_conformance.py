@@ -593,14 +593,16 @@ def f7_schedule(world: World) -> None:
     world.step(("tick",))  # the policy evicts the idle sandbox: written off while it runs
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason="F7 (spec/README.md): open; an eviction after an early probe's stale "
+@pytest.mark.xfail(strict=True, raises=AssertionError,
+                   reason="F7 (spec/README.md): open; an eviction after an early probe's stale "
                    "'idle' writes off a running sandbox")
 def test_f7_no_eviction_of_a_running_sandbox_after_an_early_probe() -> None:
     world = World(2, 0, max_early=1, churn=True)
     f7_schedule(world)
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason="F7 (spec/README.md): open; the evicted sandbox's slot is given away while "
+@pytest.mark.xfail(strict=True, raises=AssertionError,
+                   reason="F7 (spec/README.md): open; the evicted sandbox's slot is given away while "
                    "it runs, and two more requests exceed reserved concurrency")
 def test_f7_reserved_concurrency_after_an_eviction_of_a_running_sandbox() -> None:
     """The model's finding-f7-concurrency on the real core: after the F7 schedule two more requests
