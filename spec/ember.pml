@@ -63,6 +63,19 @@
  *         list orphans, which get DESTROY (refinement F5, README).
  * R12 A leader watches the worker session keys: a new incarnation means
  *     the worker restarted and all its sandboxes are gone (sandbox_exited).
+ * R13 Eviction (keep-alive expiry or memory budget, Assigner.tick): at any
+ *     moment a serving leader may evict a sandbox IDLE in its table (the
+ *     nondeterministic choice stands for the policy).  It journals the
+ *     sandbox dead (R3) and sends DESTROY(s, epoch); the worker destroys it
+ *     only if it is IDLE there (H4), so DESTROY never ends a running
+ *     invocation.  MAX_EVICT evictions per run.
+ * R14 Pre-warm (a policy that prewarms, Assigner.tick R7): a serving leader
+ *     may start a sandbox for no request, only when nothing is idle,
+ *     starting or busy in its table.  It is journaled and started like a
+ *     cold start, turns IDLE on READY, and an acquire that finds no idle
+ *     sandbox waits for it (claims it) instead of starting another.  At no
+ *     time do more than MAX_STARTING sandboxes start (the herd bound, the
+ *     core's max_starting).  MAX_PREWARM pre-warms per run.
  *
  * Faults (bounded, see README "Bounds"): leader lease expiry with the old
  * leader either crashed (memory wiped) or paused (keeps stale memory);
@@ -85,6 +98,12 @@
  *                            ANY probe, not only the latest one (F4 removed)
  *   MUTANT_NO_FULL_PROBE     no periodic full probe (F5 removed)
  *   MUTANT_UNFENCED_JOURNAL  journal txn does not compare the leader key
+ *   MUTANT_DESTROY_ANY       worker destroys a sandbox whatever its state
+ *                            (busy included)
+ *   MUTANT_EVICT_GRANTED     leader evicts a sandbox it has granted (BUSY in
+ *                            its table: the lease is outstanding)
+ *   MUTANT_PREWARM_HERD      pre-warm ignores the herd bound (starts while
+ *                            other sandboxes are starting or in use)
  * ------------------------------------------------------------------------
  */
 
@@ -112,6 +131,13 @@
 #ifndef MAX_RETRY
 #define MAX_RETRY 1     /* acquire retries per request (SDK retry limit) */
 #endif
+#ifndef MAX_EVICT
+#define MAX_EVICT 0     /* leader-side evictions of idle sandboxes (R13)  */
+#endif
+#ifndef MAX_PREWARM
+#define MAX_PREWARM 0   /* leader-side pre-warm starts (R14)              */
+#endif
+#define MAX_STARTING 2  /* herd bound: sandboxes starting at once (R14)   */
 
 #define NONE 255
 
@@ -190,6 +216,7 @@ byte retries[NR];
 
 /* ---------------- faults --------------------------------------------- */
 byte lfaults, wfaults, drops, early;
+byte evicts, prewarms;           /* policy actions taken (R13, R14)      */
 
 /* ---------------- ghost / monitor variables -------------------------- */
 byte running[NS];               /* invocations running per sandbox       */
@@ -337,7 +364,7 @@ end:
 inline busy_count() {
   i = 0; j = 0;
   do
-  :: j < NS -> if :: LT(a,j) == L_BUSY || LT(a,j) == L_STARTING -> i++ :: else fi; j++
+  :: j < NS -> if :: LT(a,j) == L_BUSY || (LT(a,j) == L_STARTING && LRQ(a,j) != NONE) -> i++ :: else fi; j++
   :: else -> break
   od;
   j = 0
@@ -370,7 +397,7 @@ inline sandbox_dead() {
   assert(ws[j] != W_BUSY);     /* property (f): never write off a running sandbox */
   jst[j] = J_DEAD;
   if
-  :: LT(a,j) == L_STARTING -> send(FAIL, LRQ(a,j), 0, 0, 0)
+  :: LT(a,j) == L_STARTING && LRQ(a,j) != NONE -> send(FAIL, LRQ(a,j), 0, 0, 0)
   :: else
   fi;
   LT(a,j) = L_NONE; LRQ(a,j) = 0; touch(j)
@@ -388,6 +415,34 @@ inline sandbox_dead() {
 /* F3: the leader changed sandbox S itself: a probe answer in flight is
  * older than that change and must not override it */
 inline touch(S) { PN(a,S) = 0 }
+
+/* property (i), the herd bound: at most MAX_STARTING sandboxes start at once */
+inline herd_check() {
+  n = 0; k = 0;
+  do
+  :: k < NS -> if :: LT(a,k) == L_STARTING -> n++ :: else fi; k++
+  :: else -> break
+  od;
+  assert(n <= MAX_STARTING);
+  n = 0; k = 0
+}
+
+/* n = 1 when a lease for sandbox S may still start an invocation: a GRANT
+ * for S whose frontend still waits for one, or an INVOKE for S, under an
+ * epoch the worker does not fence (>= its wmax) */
+inline lease_out(S) {
+  n = 0; k = 0;
+  do
+  :: k < nn ->
+       if
+       :: MX(k) == S && ME(k) >= wmax[jw[S]] &&
+          ((MT(k) == GRANT && fst[MD(k)] == F_ACQ) || (MT(k) == INVOKE && MD(k) == jw[S])) -> n = 1
+       :: else
+       fi; k++
+  :: else -> break
+  od;
+  k = 0
+}
 
 /* a new probe: its number (F4), modulo PMOD */
 inline new_probe() { pctr[a] = pctr[a] % PMOD + 1 }
@@ -425,6 +480,16 @@ inline a_handle() {
                      printf("a_grant_idle a=%d r=%d s=%d ep=%d\n", a, mx, j, myep[a]);
                      LT(a,j) = L_BUSY; LRQ(a,j) = mx; touch(j); send(GRANT, mx, myep[a], j, 0)
                 :: else ->
+                     j = 0;                                 /* a pre-warm nobody waits for? */
+                     do
+                     :: j < NS && !(LT(a,j) == L_STARTING && LRQ(a,j) == NONE) -> j++
+                     :: else -> break
+                     od;
+                     if
+                     :: j < NS ->                           /* a_claim_prewarm: wait for it */
+                          printf("a_claim_prewarm a=%d r=%d s=%d\n", a, mx, j);
+                          LRQ(a,j) = mx; touch(j)
+                     :: else ->
                      j = 0;
                      do
                      :: j < NS && jst[j] != J_NONE -> j++
@@ -439,9 +504,11 @@ inline a_handle() {
                                printf("a_cold_start a=%d r=%d s=%d w=%d ep=%d\n", a, mx, j, i, myep[a]);
                                jst[j] = J_LIVE; jw[j] = i; jinc[j] = winc[i];
                                LT(a,j) = L_STARTING; LRQ(a,j) = mx;
-                               send(START, i, myep[a], j, jinc[j])   /* F2 */
+                               send(START, i, myep[a], j, jinc[j]);  /* F2 */
+                               herd_check()
                           :: else -> wipe()                 /* txn failed: deposed */
                           fi
+                     fi
                      fi
                 fi
              fi
@@ -449,7 +516,10 @@ inline a_handle() {
      /* ---- a_sandbox_ready(sandbox mx) -------------------------------- */
      :: mt == READY ->
           if
-          :: LT(a,mx) == L_STARTING ->
+          :: LT(a,mx) == L_STARTING && LRQ(a,mx) == NONE ->  /* a pre-warm: idle */
+               printf("a_sandbox_ready a=%d s=%d idle (pre-warm)\n", a, mx);
+               LT(a,mx) = L_IDLE; touch(mx)
+          :: LT(a,mx) == L_STARTING && LRQ(a,mx) != NONE ->
                printf("a_sandbox_ready a=%d s=%d grant r=%d\n", a, mx, LRQ(a,mx));
                LT(a,mx) = L_BUSY; touch(mx); send(GRANT, LRQ(a,mx), myep[a], mx, 0)
           :: LT(a,mx) != L_STARTING && jst[mx] != J_LIVE ->   /* started after it was declared dead */
@@ -478,7 +548,8 @@ inline a_handle() {
                     if
                     :: (my >> j) & 1 ->                     /* idle on the worker */
                          if
-                         :: LT(a,j) == L_STARTING ->         /* READY was lost */
+                         :: LT(a,j) == L_STARTING && LRQ(a,j) == NONE -> LT(a,j) = L_IDLE
+                         :: LT(a,j) == L_STARTING && LRQ(a,j) != NONE ->  /* READY was lost */
                               LT(a,j) = L_BUSY; send(GRANT, LRQ(a,j), myep[a], j, 0)
                          :: else -> LT(a,j) = L_IDLE; LRQ(a,j) = NONE
                          fi
@@ -531,6 +602,41 @@ inline placement() {
 }
 
 #define A_OPT(K) :: d_step { A_MSG(K) -> take(K); a_handle(); clear_scratch() }
+
+/* R13: which sandboxes the eviction policy may pick */
+#ifdef MUTANT_EVICT_GRANTED
+#define EVICTABLE(S) (LT(a,S) == L_IDLE || LT(a,S) == L_BUSY)
+#else
+#define EVICTABLE(S) (LT(a,S) == L_IDLE)
+#endif
+/* ---- a_evict(S): the keep-alive policy (expiry or memory budget) evicts
+ *      sandbox S: journal it dead (fenced, R3), then DESTROY (R13) ------- */
+#define EVICT_OPT(S) :: d_step { evicts < MAX_EVICT && role[a] == SERVING && EVICTABLE(S) -> \
+       evicts++; j = S; printf("a_evict a=%d s=%d w=%d ep=%d\n", a, j, jw[j], myep[a]); \
+       if \
+       :: TXN_OK -> \
+            EVICT_CHECK;  /* property (h): not busy, no lease outstanding */ \
+            jst[j] = J_DEAD; LT(a,j) = L_NONE; LRQ(a,j) = 0; touch(j); \
+            send(DESTROY, jw[j], myep[a], j, 0) \
+       :: else -> wipe() \
+       fi; clear_scratch() }
+/* (h) never evict a sandbox that runs an invocation or has a lease
+ * outstanding.  -DNO_EVICT_CHECK leaves (h) out: with early timers the
+ * protocol breaks it (F7, README), and the runs that need early timers and
+ * evictions for something else (property (g)) check everything but (h) */
+#ifdef NO_EVICT_CHECK
+#define EVICT_CHECK skip
+#else
+#define EVICT_CHECK assert(ws[j] != W_BUSY); lease_out(j); assert(n == 0); n = 0
+#endif
+
+/* R14: when a pre-warm may start (Assigner.tick R7: nothing idle, starting
+ * or in flight; this keeps the herd bound) */
+#ifdef MUTANT_PREWARM_HERD
+#define PREWARM_OK (true)
+#else
+#define PREWARM_OK (LT(a,0) == L_NONE && LT(a,1) == L_NONE && LT(a,2) == L_NONE)
+#endif
 
 proctype Assigner(byte a) {
 end:
@@ -614,6 +720,28 @@ end:
        :: else -> wipe()                                    /* txn failed: deposed */
        fi;
        clear_scratch() }
+  /* ---- a_evict: R13, any idle sandbox at any time ------------------------ */
+  EVICT_OPT(0) EVICT_OPT(1) EVICT_OPT(2)
+  /* ---- a_prewarm: R14, start a sandbox for no request -------------------- */
+  :: d_step { prewarms < MAX_PREWARM && role[a] == SERVING && PREWARM_OK &&
+              (jst[0] == J_NONE || jst[1] == J_NONE || jst[2] == J_NONE) ->
+       prewarms++;
+       j = 0;
+       do
+       :: j < NS && jst[j] != J_NONE -> j++
+       :: else -> break
+       od;
+       placement();
+       if
+       :: TXN_OK ->
+            printf("a_prewarm a=%d s=%d w=%d ep=%d\n", a, j, i, myep[a]);
+            jst[j] = J_LIVE; jw[j] = i; jinc[j] = winc[i];
+            LT(a,j) = L_STARTING; LRQ(a,j) = NONE; touch(j);
+            send(START, i, myep[a], j, jinc[j]);
+            herd_check()
+       :: else -> wipe()
+       fi;
+       clear_scratch() }
   /* ---- message handlers (any slot, any order) -------------------------- */
   SLOTS(A_OPT)
   od
@@ -642,6 +770,11 @@ inline w_finish(S) {
 #define INC_CHECK (true)
 #else
 #define INC_CHECK (my == winc[w])     /* F2: START is for this incarnation */
+#endif
+#ifdef MUTANT_DESTROY_ANY
+#define DESTROY_CHECK (ws[mx] != W_ABSENT)
+#else
+#define DESTROY_CHECK (ws[mx] == W_IDLE)   /* H4: only an idle sandbox */
 #endif
 #ifdef MUTANT_NO_FENCING
 #define FENCE_CHECK (true)
@@ -697,8 +830,11 @@ inline w_handle() {
   /* ---- w_destroy(sandbox mx, epoch me) -------------------------------- */
   :: mt == DESTROY ->
        if
-       :: me >= wmax[w] && jw[mx] == w && ws[mx] == W_IDLE ->
-            printf("w_destroy w=%d s=%d\n", w, mx); ws[mx] = W_ABSENT
+       :: me >= wmax[w] && jw[mx] == w && DESTROY_CHECK ->
+            printf("w_destroy w=%d s=%d\n", w, mx);
+            assert(running[mx] == 0);   /* property (g): no invocation vanishes with its sandbox */
+            if :: ws[mx] == W_BUSY -> running[mx]--; nrun--; wr[mx] = 0 :: else fi;
+            ws[mx] = W_ABSENT
        :: else
        fi
   fi
@@ -794,7 +930,8 @@ init {
 }
 
 /* =====================================================================
- * Properties (LTL).  Safety (a)-(d) and (f) are the asserts above.
+ * Properties (LTL).  Safety (a)-(d) and (f)-(i) are the asserts above:
+ * (g) at w_destroy, (h) at a_evict, (i) in herd_check.
  * ===================================================================== */
 #define DONE(r) (fst[r] == F_OK || fst[r] == F_ERR || fst[r] == F_THR)
 #if NR == 3

@@ -11,15 +11,24 @@ checked as Python predicates over the model's own names:
   (a) running[s] <= 1            a sandbox never runs two invocations at once;
   (b) nrun <= RC                 the function never runs more than its reserved concurrency;
   (c) runs[r] <= 1, outcomes[r] <= 1;
-  (d) lease_epoch >= serving_ep  no worker starts anything under a deposed leader's lease.
+  (d) lease_epoch >= serving_ep  no worker starts anything under a deposed leader's lease;
+  (f)/(h) a write-off (eviction included) never hits a sandbox that runs an invocation, or one with a
+      lease outstanding (a GRANT whose frontend still waits, or an INVOKE, the worker would accept);
+  (g) a DESTROY never ends a running invocation (no invocation vanishes with its sandbox);
+  (i) the herd bound: no leader has more than max_starting sandboxes starting.
+With `churn` the leaders' keep-alive policy evicts every idle sandbox at each tick (Assigner.tick,
+keep-alive 0) and pre-warms whenever R7 allows, and ticks are ordinary actions (the policy acts at any
+moment), the model's a_evict and a_prewarm (R13, R14).
 Then faults stop and the system runs to quiescence, fairly; then liveness (every request answered)
 and (e) no leak (journal, workers and the current leader's table agree on every sandbox) must hold.
 """
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass, field
 
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -35,6 +44,20 @@ P = 0  # the one partition
 FN = "f"
 WORKERS = ("w0", "w1")
 TIMERS = ("resync", "timed_out", "fe_timer", "tick")
+MAX_STARTING = 2  # the herd bound in churn worlds (the model's MAX_STARTING)
+
+
+class ChurnPolicy(FixedKeepAlive):
+    """Keep-alive 0 (every tick evicts what is idle) and a pre-warm asked for at every tick."""
+
+    prewarms = True
+
+    def __init__(self) -> None:
+        super().__init__(0.0)
+        self.core: Assigner | None = None
+
+    def due_prewarms(self, now: float) -> list:
+        return list(self.core.functions.values()) if self.core is not None else []
 
 
 @dataclass
@@ -55,8 +78,11 @@ class Msg:
 class World:
     """The model's globals and processes, with the real core inside."""
 
-    def __init__(self, nreq: int, max_faults: int, mutant: str = "", max_early: int = 0) -> None:
+    def __init__(self, nreq: int, max_faults: int, mutant: str = "", max_early: int = 0,
+                 churn: bool = False, check_h: bool = True) -> None:
         self.mutant = mutant
+        self.churn = churn
+        self.check_h = check_h  # (h): off only where F7 (README) is known to break it
         self.now = 0.0
         # etcd (R1)
         self.ld: int | None = 0
@@ -94,8 +120,44 @@ class World:
         self._check()
 
     def _assigner(self) -> Assigner:
+        if self.churn:
+            policy = ChurnPolicy()
+            core = Assigner(account_limit=1000, max_starting=MAX_STARTING, max_waiting=8, max_wait_s=30.0,
+                            keep_alive=policy)
+            policy.core = core
+            return core
         return Assigner(account_limit=1000, max_starting=4, max_waiting=8, max_wait_s=30.0,
                         keep_alive=FixedKeepAlive(50.0))
+
+    def _lease_out(self, w: str, sid: int) -> bool:
+        """A lease for `sid` may still start an invocation on `w`: a GRANT whose frontend still waits
+        for one, or an INVOKE, under an epoch the worker does not fence."""
+        host = self.hosts[w]
+        for m in self.net:
+            if m.sandbox != sid or host.fenced(P, m.epoch):
+                continue
+            if m.kind == "INVOKE" and m.to == w:
+                return True
+            if m.kind == "GRANT" and m.worker == w and self.calls[m.to.split("/")[0]].phase is Phase.ACQUIRING:
+                return True
+        return False
+
+    def _write_off_check(self, sid: int, evicting: bool) -> None:
+        """(f) and (h), at the fenced journal delete: not running, no lease outstanding. Without
+        `check_h`, an eviction is not checked (F7), the other write-offs are for (f)."""
+        if evicting and not self.check_h:
+            return
+        rec = self.journal.get(sid)
+        if rec is None:
+            return
+        host = self.hosts[rec.worker]
+        slot = host.slots.get(sid)
+        if host.incarnation != rec.incarnation or slot is None:
+            return
+        running = slot.state is SlotState.BUSY and self.running.get(sid, 0) and (rec.worker, sid) not in self.finished
+        assert not running, f"(f)/(h) sandbox {sid} written off while it runs {slot.request}"
+        if self.check_h:
+            assert not self._lease_out(rec.worker, sid), f"(h) sandbox {sid} written off with a lease outstanding"
 
     def _workers(self) -> dict[str, WorkerInfo]:
         return {w: WorkerInfo(w, self.winc[w]) for w in WORKERS}
@@ -120,7 +182,8 @@ class World:
 
     def _effects(self, a: int) -> None:
         leader = self.leaders[a]
-        for eff in leader.take_effects():
+        effects = leader.take_effects()
+        for n, eff in enumerate(effects):
             if isinstance(eff, Grant):
                 self.send(Msg("GRANT", eff.request_id, eff.epoch, eff.sandbox, eff.request_id, eff.worker))
             elif isinstance(eff, Refuse):
@@ -136,6 +199,8 @@ class World:
                 if not self._txn_ok(a, eff.epoch):
                     leader.deposed()
                     return
+                after = effects[n + 1] if n + 1 < len(effects) else None  # an eviction: WriteOff, Destroy
+                self._write_off_check(eff.sandbox, isinstance(after, Destroy) and after.sandbox == eff.sandbox)
                 self.journal.pop(eff.sandbox, None)
             elif isinstance(eff, Destroy):
                 self.send(Msg("DESTROY", eff.worker, eff.epoch, eff.sandbox))
@@ -208,7 +273,13 @@ class World:
                     self.send(Msg("INV", int(m.worker), inv.epoch, worker=m.to, inventory=inv.sandboxes,
                                   probe=inv.probe))
             elif k == "DESTROY":
-                host.destroy(m.sandbox, P, m.epoch)  # w_destroy
+                slot = host.slots.get(m.sandbox)
+                running = (slot is not None and slot.state is SlotState.BUSY and self.running.get(m.sandbox, 0)
+                           and (m.to, m.sandbox) not in self.finished)
+                if host.destroy(m.sandbox, P, m.epoch) and running:  # w_destroy
+                    self.running[m.sandbox] -= 1
+                    self.nrun -= 1
+                    raise AssertionError(f"(g) the invocation in sandbox {m.sandbox} vanished with its sandbox")
 
     def runtime_ready(self, w: str, sid: int) -> None:
         """The sandbox's runtime asks for work: READY after a start, RELEASE after an invocation, to
@@ -281,6 +352,8 @@ class World:
         # number of times per schedule (the model's MAX_EARLY)
         if not acts or (self.early_left > 0 and len(self.net) < 32):  # early timers: not faster than the network
             acts += timers
+        elif self.churn:  # the policy evicts and pre-warms at any moment (R13, R14)
+            acts.append(("tick",))
         if faults and self.faults_left > 0:
             if self.ld is not None:
                 acts += [("leader_crash",), ("leader_pause",)]
@@ -293,7 +366,7 @@ class World:
 
     def step(self, act: tuple) -> None:
         kind = act[0]
-        if kind in TIMERS and not self.quiet():
+        if kind in TIMERS and not (kind == "tick" and self.churn) and not self.quiet():
             assert self.early_left > 0
             self.early_left -= 1
         if kind == "deliver":
@@ -359,6 +432,10 @@ class World:
         assert all(v <= 1 for v in self.running.values()), "(a)"
         assert self.nrun <= RC, "(b)"
         assert all(v <= 1 for v in self.runs.values()) and all(v <= 1 for v in self.outcomes.values()), "(c)"
+        for leader in self.leaders:
+            if leader.core is not None:  # (i) the herd bound, before the Assigner's own check of it
+                starting = sum(1 for sb in leader.core.sandboxes.values() if sb.state is State.STARTING)
+                assert starting <= leader.core.max_starting, f"(i) {starting} sandboxes starting at once"
         for leader in self.leaders:  # the Leader's rules, and its Assigner's, hold inside every leader
             leader.verify()
 
@@ -437,8 +514,10 @@ def choose(world: World, acts: list[tuple], muted: frozenset[str], pick: int) ->
     return options[(pick >> 12) % len(options)]
 
 
-def run(data: st.DataObject, nreq: int, max_faults: int, steps: int, mutant: str = "") -> World:
-    world = World(nreq, max_faults, mutant, max_early=data.draw(st.sampled_from([0, 1, 2, 3, 1000])))
+def run(data: st.DataObject, nreq: int, max_faults: int, steps: int, mutant: str = "", churn: bool = False,
+        early: tuple[int, ...] = (0, 1, 2, 3, 1000), check_h: bool = True) -> World:
+    world = World(nreq, max_faults, mutant, max_early=data.draw(st.sampled_from(early)), churn=churn,
+                  check_h=check_h)
     muted = frozenset(data.draw(st.sets(st.sampled_from(KINDS), max_size=8)))
     calm = data.draw(st.integers(0, steps))  # faults begin after some steps: they find a busier system
     for i in range(steps):
@@ -464,6 +543,79 @@ def test_fault_free_schedules_answer_every_request_without_errors(data: st.DataO
     # live-ok: early timers may still give up on a request, but nothing runs twice or leaks
     assert sum(1 for c in world.calls.values() if c.phase is Phase.OK) + sum(
         1 for c in world.calls.values() if c.phase in (Phase.ERROR, Phase.THROTTLED)) == 3
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=list(HealthCheck))
+@given(st.data())
+def test_eviction_and_prewarm_keep_the_models_invariants(data: st.DataObject) -> None:
+    """R13/R14 with the model's bounds for (h): the policy evicts and pre-warms at any moment, racing
+    grants, READY/RELEASE, failovers, worker crashes and drops; timers fire only when quiet."""
+    run(data, nreq=3, max_faults=3, steps=data.draw(st.integers(10, 120)), churn=True, early=(0,))
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=list(HealthCheck))
+@given(st.data())
+def test_eviction_with_early_timers_keeps_everything_but_h(data: st.DataObject) -> None:
+    """Early timers too (the model's safety-nr2-early-evict): DESTROYs race INVOKEs, and (g) must hold.
+    (h) is left out: an early probe breaks it (F7, the strict xfail below)."""
+    run(data, nreq=2, max_faults=3, steps=data.draw(st.integers(10, 120)), churn=True, early=(1, 2, 3, 1000),
+        check_h=False)
+
+
+def f7_schedule(world: World) -> None:
+    """The model's finding-f7 trail, step by step on the real core: an early probe's stale "idle"
+    releases a sandbox whose INVOKE is in flight; the INVOKE runs; the keep-alive policy evicts it."""
+    def deliver(kind: str) -> None:
+        world.step(("deliver", next(i for i, m in enumerate(world.net) if m.kind == kind)))
+
+    def ready() -> None:
+        w, sid = next((w, sid) for w, h in world.hosts.items() for sid in h.slots)
+        world.step(("runtime_ready", w, sid))
+
+    world.step(("send_acquire",))  # r0: cold start, runs, is released: the sandbox is IDLE
+    for kind in ("ACQ", "START"):
+        deliver(kind)
+    ready()
+    for kind in ("READY", "GRANT", "INVOKE"):
+        deliver(kind)
+    w, sid = world.running_slots()[0]
+    world.step(("finish", w, sid))
+    deliver("RESULT")
+    ready()
+    deliver("RELEASE")
+    world.step(("send_acquire",))  # r1 is granted the idle sandbox; its INVOKE is in flight
+    deliver("ACQ")
+    deliver("GRANT")
+    world.step(("timed_out", 0, False))  # early: the probe covers the busy sandbox
+    deliver("SYNC")  # the worker answers "idle": the INVOKE has not arrived
+    deliver("INVOKE")  # now it runs
+    deliver("INV")  # the stale "idle" is the latest probe's answer (F3, F4 allow it): released
+    world.step(("tick",))  # the policy evicts the idle sandbox: written off while it runs
+
+
+@pytest.mark.xfail(strict=True, raises=AssertionError,
+                   reason="F7 (spec/README.md): open; an eviction after an early probe's stale "
+                   "'idle' writes off a running sandbox")
+def test_f7_no_eviction_of_a_running_sandbox_after_an_early_probe() -> None:
+    world = World(2, 0, max_early=1, churn=True)
+    f7_schedule(world)
+
+
+@pytest.mark.xfail(strict=True, raises=AssertionError,
+                   reason="F7 (spec/README.md): open; the evicted sandbox's slot is given away while "
+                   "it runs, and two more requests exceed reserved concurrency")
+def test_f7_reserved_concurrency_after_an_eviction_of_a_running_sandbox() -> None:
+    """The model's finding-f7-concurrency on the real core: after the F7 schedule two more requests
+    come; a pre-warm and a cold start serve them while r1 still runs in the evicted sandbox."""
+    world = World(4, 0, max_early=1, churn=True, check_h=False)
+    f7_schedule(world)
+    world.step(("send_acquire",))
+    world.step(("send_acquire",))
+    for _ in range(40):
+        acts = [a for a in world.enabled(faults=False) if a[0] in ("deliver", "runtime_ready")]
+        if not acts:
+            break
+        world.step(acts[0])
 
 
 # ---------------------------------------------------------------------- the checks can fail
@@ -501,10 +653,40 @@ def _mutate(monkeypatch, mutant: str) -> None:
         monkeypatch.setattr(Leader, "inventory", inventory)
     elif mutant == "no-probe":
         monkeypatch.setattr(Leader, "timed_out", lambda self, now, every=False: None)
+    elif mutant == "destroy-any":  # H4 removed: a DESTROY stops the sandbox whatever its state
+        def destroy(self, sandbox, partition, epoch):
+            slot = self.slots.get(sandbox)
+            if slot is None or slot.partition != partition or self.fenced(partition, epoch):
+                return False
+            del self.slots[sandbox]
+            return True
+        monkeypatch.setattr(Host, "destroy", destroy)
+    elif mutant in ("evict-granted", "prewarm-herd"):
+        real_tick = Assigner.tick
+
+        def tick(self, now):
+            real_tick(self, now)
+            if mutant == "evict-granted":  # the policy also evicts sandboxes it has granted (BUSY)
+                for sb in [sb for sb in self.sandboxes.values() if sb.state is State.BUSY]:
+                    self.discard(sb, now)
+            elif self._prewarms:  # a pre-warm whatever is starting, idle or in flight
+                for fn in self.keep_alive.due_prewarms(now):
+                    if not fn.deleted:
+                        self._start(fn, now)
+        monkeypatch.setattr(Assigner, "tick", tick)
 
 
 MUTANTS = ("no-fencing", "accept-busy", "no-reconcile", "unfenced-journal", "resend-payload", "no-incarnation",
-           "stale-probe", "no-probe")
+           "stale-probe", "no-probe", "destroy-any", "evict-granted", "prewarm-herd")
+# The R13/R14 mutants run in churn worlds: (requests, early-timer choices, check (h)), as the model's runs.
+CHURN = {
+    "destroy-any": (2, (1, 2, 3, 1000), False),  # needs a DESTROY racing an INVOKE: an early probe (F7)
+    "evict-granted": (3, (0,), True),
+    "prewarm-herd": (3, (0,), True),
+    # F7 (README), on the real core: (h), and the (b) it leads to with 3 requests
+    "f7": (2, (1, 2, 3, 1000), True),
+    "f7-concurrency": (3, (1, 2, 3, 1000), False),
+}
 
 # For each mutant, a schedule (a seed of the same random generator) on which it breaks a property.
 # Found by `python tests/test_cluster_conformance.py --find-seeds`, which also prints how often a
@@ -521,15 +703,25 @@ MUTANT_SEEDS: dict[str, int] = {
     "no-incarnation": 1088,
     "stale-probe": 293,
     "no-probe": 1,
+    # churn worlds (CHURN), measured on 2026-12-03: destroy-any 821 (3 hits in 1087 schedules),
+    # evict-granted 2 (3 in 5), prewarm-herd 0 (3 in 3)
+    "destroy-any": 821,
+    "evict-granted": 2,
+    "prewarm-herd": 0,
 }
 
 
-def seeded_run(seed: int, mutant: str = "") -> World:
-    """The generator of `run`, driven by a seeded PRNG instead of hypothesis: a replayable schedule."""
+def seeded_run(seed: int, mutant: str = "", churn: str = "") -> World:
+    """The generator of `run`, driven by a seeded PRNG instead of hypothesis: a replayable schedule.
+    With `churn` (a key of CHURN) the world evicts and pre-warms, with that entry's bounds."""
     import random
 
     rng = random.Random(seed)
-    world = World(4, 3, mutant, max_early=rng.choice([0, 1, 2, 3, 1000]))
+    if churn:
+        nreq, early, check_h = CHURN[churn]
+        world = World(nreq, 3, mutant, max_early=rng.choice(early), churn=True, check_h=check_h)
+    else:
+        world = World(4, 3, mutant, max_early=rng.choice([0, 1, 2, 3, 1000]))
     muted = frozenset(rng.sample(KINDS, rng.randint(0, 12)))
     steps = rng.randint(10, 160)
     calm = rng.randint(0, steps)
@@ -549,27 +741,30 @@ def test_every_mutant_breaks_a_property_the_real_core_keeps(monkeypatch) -> None
 
     assert set(MUTANT_SEEDS) == set(MUTANTS)
     for mutant, seed in MUTANT_SEEDS.items():
-        seeded_run(seed)  # the real core keeps every property on this schedule
+        churn = mutant if mutant in CHURN else ""
+        seeded_run(seed, churn=churn)  # the real core keeps every property on this schedule
         with monkeypatch.context() as m:
             _mutate(m, mutant)
             with pytest.raises(AssertionError):
-                seeded_run(seed, mutant)
+                seeded_run(seed, mutant, churn=churn)
 
 
 def _find_seeds(budget: int = 20000) -> None:
     from _pytest.monkeypatch import MonkeyPatch
 
-    for mutant in MUTANTS:
+    only = [m for m in sys.argv[2:] if m in MUTANTS]
+    for mutant in only or MUTANTS:
+        churn = mutant if mutant in CHURN else ""
         mp = MonkeyPatch()
         _mutate(mp, mutant)
         first, hits = None, 0
         for seed in range(budget):
             try:
-                seeded_run(seed, mutant)
+                seeded_run(seed, mutant, churn=churn)
             except AssertionError:
                 mp.undo()
                 try:
-                    seeded_run(seed)
+                    seeded_run(seed, churn=churn)
                 except AssertionError:
                     print(f"seed {seed}: the REAL core fails too")
                     raise
@@ -584,7 +779,5 @@ def _find_seeds(budget: int = 20000) -> None:
 
 
 if __name__ == "__main__":
-    import sys
-
     if "--find-seeds" in sys.argv:
         _find_seeds()
