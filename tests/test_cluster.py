@@ -56,7 +56,9 @@ def test_the_lambda_api_works_through_any_frontend(cluster: LocalCluster) -> Non
     out = f2.invoke(FunctionName="echo", Payload=b'{"a": 1}')
     assert out["StatusCode"] == 200 and "FunctionError" not in out
     assert out["Payload"].read() == b'{"v": 1, "event": {"a": 1}}'
-    # new code: the next invoke runs it (the old sandboxes are retired, never handed out)
+    # new code: the next invoke runs it (the old sandboxes are retired, never handed out); as on AWS, an
+    # update waits until the function is Active
+    f1.get_waiter("function_active_v2").wait(FunctionName="echo", WaiterConfig={"Delay": 1, "MaxAttempts": 10})
     f1.update_function_code(FunctionName="echo", ZipFile=make_zip({"app.py": "def handler(e, c):\n    return 2\n"}))
     assert wait_for(lambda: f2.get_function(FunctionName="echo")["Configuration"]["CodeSize"] < 200, 10.0)
     assert f2.invoke(FunctionName="echo", Payload=b"{}")["Payload"].read() == b"2"
