@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import fcntl
 import ipaddress
 import logging
 import os
@@ -33,7 +32,7 @@ import struct
 import subprocess
 from pathlib import Path
 
-from ember.sandbox.spawn import SpawnedProcess, socket_in_netns, spawn_off_loop
+from ember.sandbox.spawn import SpawnedProcess, socket_in_netns, spawn_off_loop, until_loopback_up
 
 log = logging.getLogger("ember.sandbox.egress")
 
@@ -51,9 +50,6 @@ LINK_LOCAL = "169.254.0.0/16"
 ALWAYS_DENIED = (LINK_LOCAL, "224.0.0.0/4", "240.0.0.0/4", "0.0.0.0/8")
 PRIVATE = ("10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16")
 FIB_TRIE = Path("/proc/net/fib_trie")
-LOOPBACK_POLL_S = 0.0005
-_SIOCGIFFLAGS, _IFF_UP = 0x8913, 0x1
-_IFREQ_LO = struct.pack("16sH22x", b"lo", 0)
 
 # rtnetlink: one RTM_NEWROUTE of type RTN_PROHIBIT per denied prefix
 _RTM_NEWROUTE, _NLMSG_ERROR = 24, 2
@@ -222,21 +218,13 @@ class Egress:
 
 
 async def _until_loopback_up(pid: int, timeout_s: float = READY_TIMEOUT_S) -> None:
-    """Wait until the namespace's loopback is up: bwrap reports the sandbox's pid before its child has set
-    up the loopback (RTM_NEWADDR, then up), and fails if slirp4netns's --configure got there first. (The
-    unshare helper brings it up before it reports.)"""
-    sock = socket_in_netns(pid, socket.AF_INET, socket.SOCK_DGRAM)
+    """bwrap reports the sandbox's pid before its child has set up the loopback (RTM_NEWADDR, then up),
+    and fails if slirp4netns's --configure got there first. (The unshare helper brings it up before it
+    reports.)"""
     try:
-        deadline = asyncio.get_running_loop().time() + timeout_s
-        while True:
-            flags = struct.unpack_from("=H", fcntl.ioctl(sock, _SIOCGIFFLAGS, _IFREQ_LO), 16)[0]
-            if flags & _IFF_UP:
-                return
-            if asyncio.get_running_loop().time() > deadline:
-                raise EgressError("the sandbox's loopback did not come up")
-            await asyncio.sleep(LOOPBACK_POLL_S)
-    finally:
-        sock.close()
+        await until_loopback_up(pid, timeout_s)
+    except OSError as exc:
+        raise EgressError(str(exc.strerror or exc)) from exc
 
 
 async def _read_byte(fd: int, timeout_s: float) -> bool:

@@ -36,7 +36,7 @@ from ember.sandbox import runtimes
 from ember.sandbox.cgroups import Cgroups
 from ember.sandbox.jail import TASK_ROOT, IsolationConfig, Jailer, UidRange
 from ember.sandbox.pool import Pool
-from ember.sandbox.spawn import RUNTIME_API_PORT, listen_in_netns
+from ember.sandbox.spawn import RUNTIME_API_PORT, listen_in_netns, until_loopback_up
 
 if TYPE_CHECKING:
     from ember.sandbox.process import SandboxProcess
@@ -158,6 +158,7 @@ class Isolation:
             proc._proc = process
             proc.pid = process.pid
             try:
+                await until_loopback_up(jail.child_pid)
                 sock = listen_in_netns(jail.child_pid)
                 proc._server = await proc.loop.create_server(server, sock=sock)
                 proc.port = RUNTIME_API_PORT

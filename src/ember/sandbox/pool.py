@@ -34,7 +34,14 @@ from typing import TYPE_CHECKING, Any
 import orjson
 
 from ember.sandbox.jail import Jail, Jailer
-from ember.sandbox.spawn import RUNTIME_API_PORT, SpawnedProcess, Tasks, die_with_ember, listen_in_netns
+from ember.sandbox.spawn import (
+    RUNTIME_API_PORT,
+    SpawnedProcess,
+    Tasks,
+    die_with_ember,
+    listen_in_netns,
+    until_loopback_up,
+)
 from ember.sandbox.zygote import RETIRE_AFTER, WAITER, Zygote, sandbox_pidfd
 
 if TYPE_CHECKING:
@@ -90,6 +97,7 @@ class Pooled:
             if jail.cgroup is not None and proc.spec.memory_mb != POOL_MEMORY_MB:
                 # a cgroup write can wait on the kernel's cgroup locks: not on the event loop
                 await asyncio.to_thread(jail.cgroup.limit, proc.spec.memory_mb, jail.jailer.cfg.pids_max)
+            await until_loopback_up(jail.child_pid)  # one ioctl when it is (the usual case: pre-started)
             sock = listen_in_netns(jail.child_pid)
             proc._server = await proc.loop.create_server(server, sock=sock)
             proc.port = RUNTIME_API_PORT

@@ -12,6 +12,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
+import errno
+import fcntl
 import functools
 import logging
 import os
@@ -19,6 +21,7 @@ import resource
 import select
 import signal
 import socket
+import struct
 import subprocess
 from collections.abc import Callable, Coroutine, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -81,6 +84,31 @@ def socket_in_netns(pid: int, family: int, kind: int, proto: int = 0) -> socket.
     finally:
         os.close(own)
         os.close(target)
+
+
+LOOPBACK_WAIT_S = 5.0  # bwrap sets up the sandbox's loopback a moment after it reports the pid
+LOOPBACK_POLL_S = 0.0005
+_SIOCGIFFLAGS, _IFF_UP = 0x8913, 0x1
+_IFREQ_LO = struct.pack("16sH22x", b"lo", 0)
+
+
+async def until_loopback_up(pid: int, timeout_s: float = LOOPBACK_WAIT_S) -> None:
+    """Wait until the network namespace of `pid` has its loopback up (bwrap adds 127.0.0.1, then sets
+    the link up, a moment after it reports the sandbox's pid): binding the Runtime API's 127.0.0.1
+    before that fails with EADDRNOTAVAIL. Bounded; raises OSError when it does not come up."""
+    sock = socket_in_netns(pid, socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        while True:
+            flags = struct.unpack_from("=H", fcntl.ioctl(sock, _SIOCGIFFLAGS, _IFREQ_LO), 16)[0]
+            if flags & _IFF_UP:
+                return
+            if loop.time() > deadline:
+                raise OSError(errno.EADDRNOTAVAIL, "the sandbox's loopback did not come up")
+            await asyncio.sleep(LOOPBACK_POLL_S)
+    finally:
+        sock.close()
 
 
 def listen_in_netns(pid: int, port: int = RUNTIME_API_PORT) -> socket.socket:
