@@ -473,11 +473,21 @@ def handler(event, context):
 
 def test_a_powertools_function_runs_unchanged(lam) -> None:
     """Logger (JSON lines with the Lambda context), Metrics (EMF on stdout), Tracer (disabled, as
-    outside X-Ray). The packages come from ember's Python environment (the test extras), not the zip."""
-    pytest.importorskip("aws_lambda_powertools")
-    pytest.importorskip("aws_xray_sdk")
+    outside X-Ray). The packages travel in the zip, as a user bundles them (copied from the test extras)."""
+    import aws_lambda_powertools
+    import aws_xray_sdk
+    import jmespath
+    import typing_extensions
+    import wrapt
+
+    files = {"app.py": POWERTOOLS}
+    for mod in (aws_lambda_powertools, aws_xray_sdk, jmespath, wrapt):
+        root = Path(mod.__file__).parent
+        for f in (f for f in root.rglob("*") if f.suffix in (".py", ".json")):
+            files[f"{root.name}/{f.relative_to(root)}"] = f.read_text(encoding="utf-8")
+    files["typing_extensions.py"] = Path(typing_extensions.__file__).read_text(encoding="utf-8")
     env = {"POWERTOOLS_SERVICE_NAME": "greeter", "POWERTOOLS_TRACE_DISABLED": "true"}
-    name = deploy(lam, {"app.py": POWERTOOLS}, "app.handler", runtime="python3.12", Environment={"Variables": env})
+    name = deploy(lam, files, "app.handler", runtime="python3.12", Environment={"Variables": env})
     resp = ok(lam, name, {"n": 3})
     assert payload(resp)["region"] == "us-east-1"
     docs = [json.loads(ln) for ln in tail(resp).split("\n") if ln.startswith("{")]
