@@ -47,13 +47,12 @@ from __future__ import annotations
 
 import heapq
 import math
-from collections.abc import Callable, Iterator
-from functools import wraps
-from typing import Any, NamedTuple
+from collections.abc import Iterator
+from typing import NamedTuple
 
 from ember.core.keepalive import FixedKeepAlive, KeepAlivePolicy
 from ember.core.reasons import RejectReason, StopReason, ThrottleReason
-from ember.core.table import Function, Sandbox, State
+from ember.core.table import Function, Sandbox, State, verify_after_each
 
 __all__ = [
     "LEGAL_MOVES",
@@ -210,24 +209,8 @@ class Assigner:
         self._over_account = 0
         self._over_reserved: dict[Function, int] = {}
         self._adopted: set[int] = set()
-        self._depth = 0
         if verify_each_step:
-            for name in TRANSITIONS:
-                setattr(self, name, self._verified(getattr(self, name)))
-
-    def _verified(self, method: Callable[..., Any]) -> Callable[..., Any]:
-        @wraps(method)
-        def step(*args: Any, **kwargs: Any) -> Any:
-            self._depth += 1  # a transition may call others (release calls finish): verify the outermost
-            try:
-                out = method(*args, **kwargs)
-            finally:
-                self._depth -= 1
-            if not self._depth:
-                self.verify()
-            return out
-
-        return step
+            verify_after_each(self, TRANSITIONS)
 
     # ----------------------------------------------------------------- configuration
 

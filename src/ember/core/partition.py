@@ -34,8 +34,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from enum import IntEnum
-from functools import wraps
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 from ember.core.assignment import (
     Assigner,
@@ -49,6 +48,7 @@ from ember.core.assignment import (
 )
 from ember.core.placement import WorkerInfo, place
 from ember.core.reasons import ThrottleReason
+from ember.core.table import verify_after_each
 
 __all__ = [
     "Create",
@@ -148,24 +148,8 @@ class Leader:
         self.refused_parked = 0  # acquires refused while reconciling because MAX_PARKED were parked
         self.dropped_held = 0  # READY/RELEASE messages dropped while reconciling: MAX_PARKED were held
         self._wipe()
-        self._depth = 0
         if verify_each_step:
-            for name in TRANSITIONS:
-                setattr(self, name, self._verified(getattr(self, name)))
-
-    def _verified(self, method: Callable[..., Any]) -> Callable[..., Any]:
-        @wraps(method)
-        def step(*args: Any, **kwargs: Any) -> Any:
-            self._depth += 1  # a transition may call others (release calls finish): verify the outermost
-            try:
-                out = method(*args, **kwargs)
-            finally:
-                self._depth -= 1
-            if not self._depth:
-                self.verify()
-            return out
-
-        return step
+            verify_after_each(self, TRANSITIONS)
 
     def _wipe(self) -> None:
         self.role = Role.FOLLOWER

@@ -8,7 +8,10 @@ they live here and imports go one way: table <- keepalive <- assignment.
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Callable
 from enum import IntEnum
+from functools import wraps
+from typing import Any
 
 __all__ = ["Function", "Sandbox", "State"]
 
@@ -76,3 +79,27 @@ class Sandbox:
 
     def __repr__(self) -> str:
         return f"Sandbox({self.id}, {self.function.name!r}, {self.state.name}, {self.request!r})"
+
+
+def verify_after_each(obj: Any, transitions: tuple[str, ...]) -> None:
+    """Wrap `obj`'s public transitions so that `obj.verify()` runs after each outermost one (a transition
+    may call others: release calls finish). For tests, replay and `--debug-verify`; off, it costs nothing."""
+    depth = 0
+
+    def wrap(method: Callable[..., Any]) -> Callable[..., Any]:
+        @wraps(method)
+        def step(*args: Any, **kwargs: Any) -> Any:
+            nonlocal depth
+            depth += 1
+            try:
+                out = method(*args, **kwargs)
+            finally:
+                depth -= 1
+            if not depth:
+                obj.verify()
+            return out
+
+        return step
+
+    for name in transitions:
+        setattr(obj, name, wrap(getattr(obj, name)))
